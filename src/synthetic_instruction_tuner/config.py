@@ -1,0 +1,368 @@
+"""Typed configuration: the recipe (method) merged with a hardware profile and command-line overrides.
+
+Precedence is recipe < profile < command line. Every layer is checked against the dataclasses below
+before merging, so an unknown key or a wrong type is reported with the file (or `--set`) it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"
+PROFILES = ("smoke", "cpu", "t4", "a100", "h100")
+
+
+@dataclass
+class ModelsConfig:
+    generator: str  # instruct model that writes instructions and responses
+    target: str  # base model that is fine-tuned
+    reward_model: str | None = None  # sequence-classification scorer for preference pairs
+
+
+@dataclass
+class HardwareConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # training / evaluation precision
+    generation_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # data generation precision
+    load_in_4bit: bool = False  # bitsandbytes nf4 for the generator and QLoRA for the target
+    torch_threads: int | None = None  # None: torch's default (all cores)
+    compute_units_per_hour: float = 0.0  # billing rate of the machine (Colab compute units / hour)
+    compute_units_source: str = ""  # where that rate comes from
+
+
+@dataclass
+class CountsConfig:
+    instructions: int  # sanitised, distinct instructions written by step 01
+    sft_target: int  # rows kept by step 03 (the seed: 1,500 generated -> 1,000 kept)
+    preference_prompts: int  # prompts given to the temperature sweep in step 04
+    heldout_prompts: int  # prompts set aside for evaluation, never trained on
+    eval_ifbench: int = 0  # IFBench prompts evaluated offline (0 = all 294)
+
+
+@dataclass
+class EngineConfig:
+    batch_size: int = 16  # prompts per generate() call; halved on timeout or OOM
+    batch_timeout_s: float = 600.0  # a batch slower than this is abandoned and retried at half size
+    top_k_sampling: bool = True  # sample among top-k candidates instead of multinomial over the vocabulary
+    show_progress: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    max_new_tokens: int = 256
+
+
+@dataclass
+class MagpieConfig:
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0))
+    min_words: int = 3  # shorter outputs are not instructions
+    max_words: int = 200  # longer outputs are run-on text, not a user query
+    drop_truncated: bool = True  # an instruction cut at max_new_tokens is usually run-on text
+    max_attempts_factor: float = 4.0  # give up after this many raw samples per wanted instruction
+
+
+@dataclass
+class ResponsesConfig:
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.9))
+
+
+@dataclass
+class FilteringConfig:
+    min_instruction_words: int = 3
+    max_instruction_words: int = 200
+    min_response_words: int = 5
+    max_response_words: int = 800
+    drop_truncated: bool = True  # responses cut at max_new_tokens
+    language: str | None = "en"  # langdetect code the text must be in; None disables the check
+    max_repeated_ngram_ratio: float = 0.3  # share of repeated word n-grams above which text is degenerate
+    repetition_ngram: int = 3
+    dedup_threshold: float = 0.7  # MinHash Jaccard similarity at which two instructions are duplicates
+    dedup_num_perm: int = 128
+    dedup_shingle: int = 3  # word shingle size for MinHash
+
+
+@dataclass
+class PreferencesConfig:
+    temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0, 1.2])
+    samples_per_temperature: int = 1
+    max_new_tokens: int = 256
+    top_p: float = 1.0
+    top_k: int = 50
+    scorer: Literal["reward_model", "constraints", "both"] = "reward_model"
+    reward_weight: float = 0.5  # weight of the (sigmoid of the) reward score when scorer is "both"
+    constraint_share: float = 0.5  # share of prompts that get verifiable constraints
+    min_constraints: int = 1
+    max_constraints: int = 3
+    min_margin: float = 0.1  # pairs whose chosen-rejected score gap is below this are skipped
+    reward_batch_size: int = 16
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class SftConfig:
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    max_grad_norm: float = 0.3
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"  # paged_adamw_32bit on GPU profiles (bitsandbytes)
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_checkpointing: bool = False
+    max_length: int = 1024
+    eval_fraction: float = 0.1  # share of the SFT set held out for eval loss
+    logging_steps: int = 5
+    save_steps: int = 50
+    padding_free: bool = False
+
+
+@dataclass
+class PromptTuningConfig:
+    num_virtual_tokens: int = 20
+    init: Literal["text", "random"] = "text"
+    init_text: str = "You are a helpful assistant. Answer the user's request accurately and concisely."
+    learning_rate: float = 3e-2  # prompt tuning needs a far higher rate than LoRA (Lester et al., 2021)
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+
+
+@dataclass
+class DpoConfig:
+    beta: float = 0.1
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    lr_scheduler_type: str = "cosine"
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 8
+    max_length: int = 1024
+    eval_fraction: float = 0.1  # share of pairs held out to measure reward accuracy
+    logging_steps: int = 5
+    save_steps: int = 50
+
+
+@dataclass
+class EvaluationConfig:
+    mode: Literal["hub", "local"] = "hub"  # hub: lm-eval's Hub tasks; local: tasks defined in this repo
+    hub_tasks: list[str] = field(default_factory=lambda: ["ifeval", "mmlu", "truthfulqa_mc2", "hellaswag"])
+    mmlu_fewshot: int = 5
+    local_tasks: list[str] = field(
+        default_factory=lambda: ["sit_ifbench", "sit_heldout_ifeval", "sit_heldout_ppl"]
+    )
+    limit: int | None = None  # examples per task (None = all)
+    batch_size: int = 8
+    max_gen_toks: int = 512
+    bootstrap_iters: int = 1000
+
+
+@dataclass
+class Config:
+    profile: str
+    seed: int
+    models: ModelsConfig
+    hardware: HardwareConfig
+    counts: CountsConfig
+    engine: EngineConfig
+    magpie: MagpieConfig
+    responses: ResponsesConfig
+    filtering: FilteringConfig
+    preferences: PreferencesConfig
+    lora: LoraConfig
+    sft: SftConfig
+    prompt_tuning: PromptTuningConfig
+    dpo: DpoConfig
+    evaluation: EvaluationConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return `value` coerced to `tp` (int -> float only) or raise a ConfigError naming source and key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{source}: key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: key '{key}' expects a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}' expects a mapping, got {value!r}")
+        return _check_partial(value, tp, source, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(
+            f"{source}: key '{key}' expects {tp.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _check_partial(data: dict[str, Any], cls: type, source: str, prefix: str = "") -> dict[str, Any]:
+    """Validate a (possibly partial) mapping against a dataclass; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    checked: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known keys here: {', '.join(known)})")
+        checked[key] = _check_value(value, hints[key], f"{prefix}{key}", source)
+    return checked
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, sources: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.name in data:
+            value = data[f.name]
+            if dataclasses.is_dataclass(tp):
+                value = _build(tp, value, f"{prefix}{f.name}.", sources)
+            kwargs[f.name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(tp):
+                kwargs[f.name] = _build(tp, {}, f"{prefix}{f.name}.", sources)
+            else:
+                raise ConfigError(f"missing required key '{prefix}{f.name}' (set it in {sources})")
+    return cls(**kwargs)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `section.key=value` (value read as YAML) into a key path and a value."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set sft.learning_rate=1e-4")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {path[-1]: value}
+    for part in reversed(path[:-1]):
+        out = {part: out}
+    return out
+
+
+def load_config(
+    profile: str = "cpu",
+    overrides: list[str] | tuple[str, ...] = (),
+    config_dir: Path | str | None = None,
+) -> Config:
+    """Load configs/recipe.yaml, merge configs/profiles/<profile>.yaml and `KEY=VALUE` overrides."""
+    config_dir = Path(config_dir) if config_dir else CONFIG_DIR
+    recipe_path = config_dir / "recipe.yaml"
+    profile_path = config_dir / "profiles" / f"{profile}.yaml"
+    if not profile_path.exists():
+        available = sorted(p.stem for p in (config_dir / "profiles").glob("*.yaml"))
+        raise ConfigError(
+            f"unknown profile {profile!r}: no {profile_path} (available: {', '.join(available)})"
+        )
+    layers = [
+        (_read_yaml(recipe_path), str(recipe_path)),
+        (_read_yaml(profile_path), str(profile_path)),
+    ]
+    for text in overrides:
+        path, value = parse_override(text)
+        layers.append((_nest(path, value), f"--set {text}"))
+    merged: dict[str, Any] = {}
+    for data, source in layers:
+        merged = _deep_merge(merged, _check_partial(data, Config, source))
+    merged["profile"] = profile
+    config = _build(Config, merged, "", f"{recipe_path} or {profile_path}")
+    _check_consistency(config, str(profile_path))
+    return config
+
+
+def _check_consistency(cfg: Config, source: str) -> None:
+    p = cfg.preferences
+    if p.scorer in ("reward_model", "both") and not cfg.models.reward_model:
+        raise ConfigError(f"{source}: preferences.scorer is {p.scorer!r} but models.reward_model is not set")
+    if not 0 <= p.constraint_share <= 1:
+        raise ConfigError(f"{source}: preferences.constraint_share must be within [0, 1]")
+    if p.min_constraints > p.max_constraints:
+        raise ConfigError(f"{source}: preferences.min_constraints exceeds preferences.max_constraints")
+    if cfg.counts.sft_target > cfg.counts.instructions:
+        raise ConfigError(f"{source}: counts.sft_target exceeds counts.instructions")
+    if cfg.engine.batch_size < 1:
+        raise ConfigError(f"{source}: engine.batch_size must be at least 1")

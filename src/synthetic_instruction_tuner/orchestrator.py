@@ -1,0 +1,233 @@
+"""`run_all.py`: execute the pipeline's percent-format steps with papermill, then render the reports.
+
+Each step file is read with jupytext, executed in a fresh kernel with the profile's parameters
+injected after its `parameters` cell, and saved executed under `<run dir>/notebooks/`. A step whose
+outputs are complete and up to date is skipped; the first failure stops the run with one line naming
+the step, the cell and the error. Every executed step appends a row to `<run dir>/ledger.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import PROFILES, REPO_ROOT, load_config
+from .errors import PipelineError
+from .ledger import ResourceMonitor, append_row, device_description, new_run_id, step_row
+from .steps import PIPELINE, Step, default_run_dir, existing_steps, is_complete
+from .store import RunPaths, run_paths
+
+ANALYSIS = ("analysis/compute_costs.py", "analysis/method_comparison.py")
+
+
+class StepFailed(PipelineError):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_all.py",
+        description="Run the Synthetic Instruction Tuner pipeline with papermill for one hardware profile.",
+    )
+    p.add_argument("--profile", default="cpu", help=f"hardware profile ({', '.join(PROFILES)}; default: cpu)")
+    p.add_argument(
+        "--run-dir", help="where artifacts go (default: runs/<profile>); e.g. a Google Drive folder"
+    )
+    p.add_argument(
+        "--reports-dir", help="where HTML reports go (default: reports/<profile>, or <run-dir>/reports)"
+    )
+    p.add_argument("--steps", help="comma-separated step names or prefixes, e.g. 01,02 or 05b_prompt_tuning")
+    p.add_argument(
+        "--list", action="store_true", help="list the steps and whether each is complete, then exit"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="rerun the selected steps even if their outputs are complete"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe/profile setting, e.g. --set sft.learning_rate=1e-4 (repeatable)",
+    )
+    p.add_argument("--no-reports", action="store_true", help="skip the analysis notebooks and HTML reports")
+    p.add_argument(
+        "--cell-timeout",
+        type=float,
+        default=None,
+        help="fail a step whose single cell runs longer than this many seconds",
+    )
+    return p
+
+
+def select_steps(spec: str | None) -> list[Step]:
+    steps = list(existing_steps())
+    if not spec:
+        return steps
+    chosen = []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        matches = [s for s in PIPELINE if s.name == token] or [
+            s for s in PIPELINE if s.name.split("_")[0] == token
+        ]
+        if not matches:
+            matches = [s for s in PIPELINE if s.name.startswith(token)]
+        if len(matches) != 1:
+            names = ", ".join(s.name for s in PIPELINE)
+            raise PipelineError(f"--steps: {token!r} matches {len(matches)} steps (steps: {names})")
+        chosen.extend(m for m in matches if m not in chosen)
+    missing = [s.notebook for s in chosen if not s.path.exists()]
+    if missing:
+        raise PipelineError(f"--steps: {missing[0]} does not exist in this checkout")
+    return sorted(chosen, key=PIPELINE.index)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def execute_notebook(
+    source: Path, output: Path, parameters: dict[str, Any], cell_timeout: float | None = None
+) -> None:
+    """Execute a percent-format file with papermill (papermill cannot read .py itself)."""
+    import jupytext
+    import papermill as pm
+
+    notebook = jupytext.read(source)
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(
+        notebook,
+        str(output),
+        parameters=parameters,
+        kernel_name="python3",
+        cwd=str(REPO_ROOT),
+        log_output=True,
+        progress_bar=False,
+        execution_timeout=cell_timeout,
+    )
+
+
+def _failure_message(name: str, exc: Exception, output: Path) -> str:
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        first = next((line for line in str(exc.source).splitlines() if line.strip()), "")
+        return (
+            f"step {name} failed in cell {exc.exec_count} ({_one_line(first, 80)!s}): {exc.ename}: "
+            f"{_one_line(exc.evalue)} (executed notebook: {output})"
+        )
+    return f"step {name} failed: {type(exc).__name__}: {_one_line(exc)}"
+
+
+def run_step(
+    step: Step,
+    paths: RunPaths,
+    parameters: dict[str, Any],
+    context: dict[str, Any],
+    cell_timeout: float | None = None,
+) -> dict[str, Any]:
+    """Execute one step, append its ledger row, and raise StepFailed on error."""
+    output = paths.notebooks / f"{step.name}.ipynb"
+    started = time.time()
+    status, error = "ok", None
+    with ResourceMonitor() as monitor:
+        try:
+            execute_notebook(step.path, output, parameters, cell_timeout)
+        except Exception as exc:
+            status, error = "failed", exc
+    row = append_row(
+        paths.ledger,
+        step_row(
+            context["run_id"],
+            step.name,
+            context["profile"],
+            status,
+            started,
+            time.time(),
+            monitor,
+            context["device"],
+            context["units_per_hour"],
+        ),
+    )
+    if error is not None:
+        raise StepFailed(_failure_message(step.name, error, output)) from error
+    return row
+
+
+def render_reports(paths: RunPaths, reports_dir: Path, parameters: dict[str, Any]) -> list[Path]:
+    """Execute the analysis notebooks and export them to HTML without code cells, plus an index."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from .reporting import write_index
+
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    written = []
+    for notebook in ANALYSIS:
+        source = REPO_ROOT / notebook
+        if not source.exists():
+            continue
+        executed = paths.notebooks / f"analysis_{source.stem}.ipynb"
+        execute_notebook(source, executed, parameters)
+        body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+        target = reports_dir / f"{source.stem}.html"
+        target.write_text(body, encoding="utf-8")
+        written.append(target)
+    written.append(write_index(reports_dir, paths, parameters["profile"], [p.name for p in written]))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("papermill").setLevel(logging.INFO)
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.profile, args.overrides)
+        steps = select_steps(args.steps)
+        run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else default_run_dir(args.profile)
+        paths = run_paths(run_dir)
+        if args.list:
+            for step in existing_steps():
+                state = "complete" if is_complete(step, cfg, paths) else "pending"
+                print(f"{step.name:28s} {state:9s} {step.notebook}")
+            return 0
+        from .models import resolve_device
+
+        device = resolve_device(cfg.hardware.device)
+        context = {
+            "run_id": new_run_id(),
+            "profile": args.profile,
+            "device": device_description(device),
+            "units_per_hour": cfg.hardware.compute_units_per_hour,
+        }
+        # The Hub token is deliberately not a parameter: kernels read it from the environment.
+        parameters = {"profile": args.profile, "run_dir": str(run_dir), "overrides": list(args.overrides)}
+        for step in steps:
+            if not args.force and is_complete(step, cfg, paths):
+                print(f"run_all: {step.name}: complete, skipped (use --force to rerun)", flush=True)
+                continue
+            if args.force:
+                for output in step.outputs:
+                    (paths.root / output).unlink(missing_ok=True)
+            print(f"run_all: {step.name}: running ({step.notebook})", flush=True)
+            row = run_step(step, paths, parameters, context, args.cell_timeout)
+            print(f"run_all: {step.name}: done in {row['seconds']:.1f} s", flush=True)
+        if not args.no_reports and not args.steps:
+            reports_dir = (
+                Path(args.reports_dir)
+                if args.reports_dir
+                else (run_dir / "reports" if args.run_dir else REPO_ROOT / "reports" / args.profile)
+            )
+            written = render_reports(paths, reports_dir, parameters)
+            print(f"run_all: reports written to {written[-1]}", flush=True)
+    except PipelineError as exc:
+        print(f"run_all: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0

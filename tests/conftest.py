@@ -1,0 +1,75 @@
+"""Shared fixtures: the smoke profile's tiny models and tokenizers carrying real chat templates."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+TEMPLATES = FIXTURES / "chat_templates"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg():
+    from synthetic_instruction_tuner.config import load_config
+
+    return load_config("smoke")
+
+
+@pytest.fixture(scope="session")
+def chat_lm():
+    """(model, tokenizer) of the smoke generator: a tiny random Llama with SmolLM2's real tokenizer."""
+    from synthetic_instruction_tuner.models import load_causal_lm, load_tokenizer, resolve_model
+
+    path = resolve_model("tiny:chat-lm").path
+    return load_causal_lm(path), load_tokenizer(path)
+
+
+def template_tokenizer(name: str):
+    """SmolLM2's BPE tokenizer dressed as another family: that family's special tokens, BOS
+    behaviour and its verbatim chat template (tests/fixtures/chat_templates)."""
+    from tokenizers.processors import TemplateProcessing
+
+    from synthetic_instruction_tuner.models import _smollm2_tokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(_smollm2_tokenizer())
+    if name == "smollm2":
+        return tokenizer
+    spec = json.loads((TEMPLATES / "tokens.json").read_text())[name]
+    extra = [t for t in spec["special_tokens"] if t not in (spec["bos_token"], spec["eos_token"])]
+    special = {"additional_special_tokens": extra, "eos_token": spec["eos_token"]}
+    if spec["bos_token"]:
+        special["bos_token"] = spec["bos_token"]
+    tokenizer.add_special_tokens(special)
+    if spec["bos_token"]:
+        # Llama-3, Gemma and Mistral tokenizers prepend BOS on their own
+        bos = spec["bos_token"]
+        tokenizer._tokenizer.post_processor = TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))]
+        )
+    else:
+        tokenizer.bos_token = None
+    tokenizer.chat_template = (TEMPLATES / f"{name}.jinja").read_text()
+    return tokenizer
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 600):
+    """Run `python run_all.py ...` as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, str(REPO / "run_all.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

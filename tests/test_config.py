@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from synthetic_instruction_tuner.config import PROFILES, load_config
+from synthetic_instruction_tuner.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_loads(profile):
+    cfg = load_config(profile)
+    assert cfg.profile == profile
+    assert cfg.counts.instructions >= cfg.counts.sft_target > 0
+    assert cfg.hardware.compute_units_source
+
+
+def test_recipe_holds_the_seed_hyperparameters():
+    cfg = load_config("a100")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.05)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (cfg.sft.num_train_epochs, cfg.sft.learning_rate, cfg.sft.warmup_ratio) == (3, 2e-4, 0.03)
+    assert (cfg.sft.lr_scheduler_type, cfg.sft.max_grad_norm, cfg.sft.optim) == ("cosine", 0.3, "paged_adamw_32bit")
+    assert (cfg.dpo.num_train_epochs, cfg.dpo.learning_rate, cfg.dpo.warmup_ratio) == (1, 5e-5, 0.1)
+
+
+def test_gpu_batch_sizes_follow_the_seed():
+    t4, a100 = load_config("t4"), load_config("a100")
+    assert (t4.sft.per_device_train_batch_size, t4.sft.gradient_accumulation_steps) == (4, 4)
+    assert (t4.dpo.per_device_train_batch_size, t4.dpo.gradient_accumulation_steps) == (2, 8)
+    assert (a100.sft.per_device_train_batch_size, a100.sft.gradient_accumulation_steps) == (12, 2)
+    assert (a100.dpo.per_device_train_batch_size, a100.dpo.gradient_accumulation_steps) == (8, 2)
+    assert t4.hardware.load_in_4bit and not a100.hardware.load_in_4bit
+
+
+def test_precedence_recipe_then_profile_then_command_line():
+    recipe_only = load_config("a100").sft.num_train_epochs
+    profile = load_config("cpu")
+    assert recipe_only == 3 and profile.sft.num_train_epochs == 1  # the cpu profile overrides the recipe
+    cli = load_config("cpu", ["sft.num_train_epochs=2", "models.generator=tiny:chat-lm"])
+    assert cli.sft.num_train_epochs == 2.0 and cli.models.generator == "tiny:chat-lm"
+    assert cli.lora.r == 8  # untouched keys keep the recipe's value
+
+
+def _write_configs(tmp_path: Path, profile_text: str) -> Path:
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "recipe.yaml").write_text((REPO / "configs" / "recipe.yaml").read_text())
+    (tmp_path / "profiles" / "mine.yaml").write_text(
+        (REPO / "configs" / "profiles" / "smoke.yaml").read_text() + profile_text
+    )
+    return tmp_path
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    cfg_dir = _write_configs(tmp_path, "\nsft:\n  learning_rat: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("mine", config_dir=cfg_dir)
+    message = str(err.value)
+    assert "mine.yaml" in message and "'sft.learning_rat'" in message and "\n" not in message
+
+
+def test_wrong_type_names_file_and_key(tmp_path):
+    cfg_dir = _write_configs(tmp_path, "\nengine:\n  batch_size: eight\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: key 'engine\.batch_size' expects int"):
+        load_config("mine", config_dir=cfg_dir)
+
+
+def test_bad_command_line_override():
+    with pytest.raises(ConfigError, match=r"--set sft\.nope=1: unknown key 'sft\.nope'"):
+        load_config("smoke", ["sft.nope=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config("smoke", ["sft.learning_rate"])
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config("smoke", ["preferences.scorer=vibes"])
+
+
+def test_unknown_profile_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="available: a100, cpu, h100, smoke, t4"):
+        load_config("tpu")
+
+
+def test_scorer_needs_a_reward_model():
+    with pytest.raises(ConfigError, match="models.reward_model is not set"):
+        load_config("smoke", ["models.reward_model=null", "preferences.scorer=reward_model"])
