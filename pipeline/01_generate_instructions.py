@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # Step 01 — Magpie instructions
 #
@@ -22,7 +30,7 @@ from synthetic_instruction_tuner.store import read_jsonl
 # %% tags=["parameters"]
 profile = "cpu"  # hardware profile: smoke | cpu | t4 | a100 | h100
 run_dir = None  # None: runs/<profile>
-overrides = []  # KEY=VALUE settings, e.g. ["counts.instructions=500"]
+overrides = []  # what run_all.py --set passes: ["counts.instructions=500", ...]
 
 # %%
 ctx = start_step(profile, run_dir, overrides)

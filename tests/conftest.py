@@ -53,7 +53,9 @@ def template_tokenizer(name: str):
         # Llama-3, Gemma and Mistral tokenizers prepend BOS on their own
         bos = spec["bos_token"]
         tokenizer._tokenizer.post_processor = TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))]
+            single=f"{bos} $A",
+            pair=f"{bos} $A $B",
+            special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))],
         )
     else:
         tokenizer.bos_token = None

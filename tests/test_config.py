@@ -19,9 +19,21 @@ def test_every_profile_loads(profile):
 def test_recipe_holds_the_seed_hyperparameters():
     cfg = load_config("a100")
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.05)
-    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.lora.target_modules == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     assert (cfg.sft.num_train_epochs, cfg.sft.learning_rate, cfg.sft.warmup_ratio) == (3, 2e-4, 0.03)
-    assert (cfg.sft.lr_scheduler_type, cfg.sft.max_grad_norm, cfg.sft.optim) == ("cosine", 0.3, "paged_adamw_32bit")
+    assert (cfg.sft.lr_scheduler_type, cfg.sft.max_grad_norm, cfg.sft.optim) == (
+        "cosine",
+        0.3,
+        "paged_adamw_32bit",
+    )
     assert (cfg.dpo.num_train_epochs, cfg.dpo.learning_rate, cfg.dpo.warmup_ratio) == (1, 5e-5, 0.1)
 
 
@@ -81,5 +93,5 @@ def test_unknown_profile_lists_the_available_ones():
 
 
 def test_scorer_needs_a_reward_model():
-    with pytest.raises(ConfigError, match="models.reward_model is not set"):
+    with pytest.raises(ConfigError, match=r"models\.reward_model is not set"):
         load_config("smoke", ["models.reward_model=null", "preferences.scorer=reward_model"])

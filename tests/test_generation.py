@@ -13,7 +13,10 @@ SAMPLED = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, max_new_tokens=8
 
 def _requests(tokenizer, n, sampling, lengths=(3, 9, 17)):
     texts = ["hello there " * (lengths[i % len(lengths)] // 2 + 1) for i in range(n)]
-    return [Request(f"r{i}", tokenizer(t)["input_ids"][: lengths[i % len(lengths)]], sampling) for i, t in enumerate(texts)]
+    return [
+        Request(f"r{i}", tokenizer(t)["input_ids"][: lengths[i % len(lengths)]], sampling)
+        for i, t in enumerate(texts)
+    ]
 
 
 def _generate(engine, requests):
@@ -45,10 +48,14 @@ def test_sampling_is_seeded(chat_lm):
 
 def test_top_k_sampler_draws_only_among_candidates():
     scores = torch.tensor([[0.0, 5.0, 4.0, -1.0, 3.0]] * 200)
-    sampler = _TopKSampler(SamplingConfig(temperature=1.0, top_k=2, top_p=1.0), torch.Generator().manual_seed(0))
+    sampler = _TopKSampler(
+        SamplingConfig(temperature=1.0, top_k=2, top_p=1.0), torch.Generator().manual_seed(0)
+    )
     picked = sampler(None, scores).argmax(dim=-1)
     assert set(picked.tolist()) == {1, 2}
-    nucleus = _TopKSampler(SamplingConfig(temperature=1.0, top_k=5, top_p=0.5), torch.Generator().manual_seed(0))
+    nucleus = _TopKSampler(
+        SamplingConfig(temperature=1.0, top_k=5, top_p=0.5), torch.Generator().manual_seed(0)
+    )
     assert set(nucleus(None, scores).argmax(dim=-1).tolist()) == {1}  # token 1 alone holds > 50% of the mass
 
 
@@ -99,7 +106,7 @@ def test_watchdog_gives_a_clear_error_when_even_one_prompt_is_too_slow(chat_lm):
     handle = _stall_above(model, rows=0, seconds=0.5)
     try:
         engine = GenerationEngine(model, tokenizer, batch_size=2, batch_timeout_s=0.3, show_progress=False)
-        with pytest.raises(GenerationError, match="exceeded engine.batch_timeout_s=0.3s even alone"):
+        with pytest.raises(GenerationError, match=r"exceeded engine\.batch_timeout_s=0\.3s even alone"):
             _generate(engine, _requests(tokenizer, 2, GREEDY))
     finally:
         handle.remove()

@@ -2,7 +2,12 @@ import pytest
 from conftest import template_tokenizer
 
 from synthetic_instruction_tuner.errors import GenerationError
-from synthetic_instruction_tuner.magpie import instruction_id, pre_query_ids, pre_query_text, sanitize_instruction
+from synthetic_instruction_tuner.magpie import (
+    instruction_id,
+    pre_query_ids,
+    pre_query_text,
+    sanitize_instruction,
+)
 
 EXPECTED = {
     "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
@@ -52,6 +57,8 @@ def test_sanitize_reasons(text, finish, reason):
 
 
 def test_truncated_kept_when_allowed_and_ids_collide_on_exact_duplicates():
-    assert sanitize_instruction("Write a poem about the sea", "length", 3, 200, drop_truncated=False)[1] is None
+    assert (
+        sanitize_instruction("Write a poem about the sea", "length", 3, 200, drop_truncated=False)[1] is None
+    )
     assert instruction_id("How are you?") == instruction_id("how are you")
     assert instruction_id("How are you?") != instruction_id("Who are you?")

@@ -87,6 +87,7 @@ class FilteringConfig:
     max_response_words: int = 800
     drop_truncated: bool = True  # responses cut at max_new_tokens
     language: str | None = "en"  # langdetect code the text must be in; None disables the check
+    min_langdetect_words: int = 8  # shorter text is not judged: langdetect calls "Write a haiku." Estonian
     max_repeated_ngram_ratio: float = 0.3  # share of repeated word n-grams above which text is degenerate
     repetition_ngram: int = 3
     dedup_threshold: float = 0.7  # MinHash Jaccard similarity at which two instructions are duplicates
@@ -329,11 +330,17 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     config_dir: Path | str | None = None,
 ) -> Config:
-    """Load configs/recipe.yaml, merge configs/profiles/<profile>.yaml and `KEY=VALUE` overrides."""
+    """Load configs/recipe.yaml, merge configs/profiles/<profile>.yaml (or a profile file's path) and
+    `KEY=VALUE` overrides."""
     config_dir = Path(config_dir) if config_dir else CONFIG_DIR
     recipe_path = config_dir / "recipe.yaml"
     profile_path = config_dir / "profiles" / f"{profile}.yaml"
-    if not profile_path.exists():
+    if profile.endswith((".yaml", ".yml")):  # a profile file of the user's own
+        profile_path = Path(profile).expanduser()
+        if not profile_path.exists():
+            raise ConfigError(f"profile file {profile_path} does not exist")
+        profile = profile_path.stem
+    elif not profile_path.exists():
         available = sorted(p.stem for p in (config_dir / "profiles").glob("*.yaml"))
         raise ConfigError(
             f"unknown profile {profile!r}: no {profile_path} (available: {', '.join(available)})"

@@ -257,12 +257,7 @@ def _field(record: dict[str, Any], key: str) -> str:
     return value
 
 
-def rule_filter_reason(
-    record: dict[str, Any],
-    cfg: FilteringConfig,
-    *,
-    min_langdetect_words: int = DEFAULT_MIN_LANGDETECT_WORDS,
-) -> str | None:
+def rule_filter_reason(record: dict[str, Any], cfg: FilteringConfig) -> str | None:
     """The first rule reason (in `RULE_REASONS` order) that removes `record`, or None if it passes."""
     instruction = _field(record, "instruction")
     response = _field(record, "response")
@@ -285,7 +280,7 @@ def rule_filter_reason(
     if is_refusal(response):
         return "refusal"
     if cfg.language is not None and any(
-        language_mismatch(text, cfg.language, min_langdetect_words) for text in (instruction, response)
+        language_mismatch(text, cfg.language, cfg.min_langdetect_words) for text in (instruction, response)
     ):
         return "non_english"
     if repeated_ngram_ratio(response, cfg.repetition_ngram) > cfg.max_repeated_ngram_ratio:
@@ -380,8 +375,6 @@ def filter_records(
     cfg: FilteringConfig,
     target: int,
     examples_per_reason: int = 3,
-    *,
-    min_langdetect_words: int = DEFAULT_MIN_LANGDETECT_WORDS,
 ) -> FilterResult:
     """Apply rules, near-duplicate removal and the `target` cut; return kept records and the funnel."""
     if target < 0:
@@ -392,7 +385,7 @@ def filter_records(
 
     reason: dict[int, str] = {}
     for i, record in enumerate(records):
-        rule = rule_filter_reason(record, cfg, min_langdetect_words=min_langdetect_words)
+        rule = rule_filter_reason(record, cfg)
         if rule is not None:
             reason[i] = rule
     after_rules = [i for i in range(len(records)) if i not in reason]
@@ -447,7 +440,6 @@ def filter_records(
             **dataclasses.asdict(cfg),
             "target": target,
             "examples_per_reason": examples_per_reason,
-            "min_langdetect_words": min_langdetect_words,
             "refusal_window_chars": REFUSAL_WINDOW_CHARS,
             "score_sweet_spot_words": list(SWEET_SPOT_WORDS),
             "score_markdown_junk_penalty": MARKDOWN_JUNK_PENALTY,

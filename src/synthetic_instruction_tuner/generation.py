@@ -252,7 +252,9 @@ class GenerationEngine:
                             )
                 if completions is None:
                     self.batch_size = self.stats.batch_size = max(1, len(batch) // 2)
-                    bar.write(f"{desc}: batch of {len(batch)} abandoned; retrying at batch size {self.batch_size}")
+                    bar.write(
+                        f"{desc}: batch of {len(batch)} abandoned; retrying at batch size {self.batch_size}"
+                    )
                     queue.appendleft(batch)
                     continue
                 self.stats.batches += 1

@@ -91,6 +91,22 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _ipc_kernel_manager() -> type:
+    """A kernel manager on local IPC sockets: no TCP ports, and no "running over TCP" warning on stderr."""
+    import tempfile
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs.setdefault("transport", "ipc")
+            kwargs.setdefault("ip", str(Path(tempfile.gettempdir()) / f"sit-kernel-{uuid.uuid4().hex[:8]}"))
+            super().__init__(**kwargs)
+
+    return IpcKernelManager
+
+
 def execute_notebook(
     source: Path, output: Path, parameters: dict[str, Any], cell_timeout: float | None = None
 ) -> None:
@@ -110,6 +126,7 @@ def execute_notebook(
         log_output=True,
         progress_bar=False,
         execution_timeout=cell_timeout,
+        kernel_manager_class=_ipc_kernel_manager(),
     )
 
 
@@ -160,7 +177,9 @@ def run_step(
     return row
 
 
-def render_reports(paths: RunPaths, reports_dir: Path, parameters: dict[str, Any]) -> list[Path]:
+def render_reports(
+    paths: RunPaths, reports_dir: Path, parameters: dict[str, Any], profile: str
+) -> list[Path]:
     """Execute the analysis notebooks and export them to HTML without code cells, plus an index."""
     import nbformat
     from nbconvert import HTMLExporter
@@ -180,18 +199,22 @@ def render_reports(paths: RunPaths, reports_dir: Path, parameters: dict[str, Any
         target = reports_dir / f"{source.stem}.html"
         target.write_text(body, encoding="utf-8")
         written.append(target)
-    written.append(write_index(reports_dir, paths, parameters["profile"], [p.name for p in written]))
+    written.append(write_index(reports_dir, paths, profile, [p.name for p in written]))
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Progress (papermill's cell log and the kernels' output) goes to stdout; stderr carries only errors.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("papermill").setLevel(logging.INFO)
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.profile, args.overrides)
+        profile = args.profile
+        if profile.endswith((".yaml", ".yml")):  # the kernels run from the repository root
+            profile = str(Path(profile).expanduser().resolve())
+        cfg = load_config(profile, args.overrides)
         steps = select_steps(args.steps)
-        run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else default_run_dir(args.profile)
+        run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else default_run_dir(cfg.profile)
         paths = run_paths(run_dir)
         if args.list:
             for step in existing_steps():
@@ -203,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(cfg.hardware.device)
         context = {
             "run_id": new_run_id(),
-            "profile": args.profile,
+            "profile": cfg.profile,
             "device": device_description(device),
             "units_per_hour": cfg.hardware.compute_units_per_hour,
         }
         # The Hub token is deliberately not a parameter: kernels read it from the environment.
-        parameters = {"profile": args.profile, "run_dir": str(run_dir), "overrides": list(args.overrides)}
+        parameters = {"profile": profile, "run_dir": str(run_dir), "overrides": list(args.overrides)}
         for step in steps:
             if not args.force and is_complete(step, cfg, paths):
                 print(f"run_all: {step.name}: complete, skipped (use --force to rerun)", flush=True)
@@ -223,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             reports_dir = (
                 Path(args.reports_dir)
                 if args.reports_dir
-                else (run_dir / "reports" if args.run_dir else REPO_ROOT / "reports" / args.profile)
+                else (run_dir / "reports" if args.run_dir else REPO_ROOT / "reports" / cfg.profile)
             )
-            written = render_reports(paths, reports_dir, parameters)
+            written = render_reports(paths, reports_dir, parameters, cfg.profile)
             print(f"run_all: reports written to {written[-1]}", flush=True)
     except PipelineError as exc:
         print(f"run_all: error: {exc}", file=sys.stderr, flush=True)

@@ -1,0 +1,211 @@
+"""The orchestrator as a user drives it: subprocesses, kills, bad input, secrets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+from synthetic_instruction_tuner.store import read_jsonl
+
+FAKE_TOKEN = "hf_" + "FakeTokenForTests0123456789abcdefXYZ"
+
+
+def _all_text(root: Path) -> str:
+    return "".join(p.read_text(errors="ignore") for p in root.rglob("*") if p.is_file())
+
+
+def test_step_01_writes_sanitised_distinct_instructions_and_a_ledger_row(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(
+        ["--profile", "smoke", "--run-dir", str(run), "--steps", "01"], env={"HF_TOKEN": FAKE_TOKEN}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_jsonl(run / "data" / "instructions.jsonl")
+    assert len(records) == 24 and len({r["id"] for r in records}) == 24
+    assert len({r["instruction"] for r in records}) == 24 and all(r["instruction"].strip() for r in records)
+    assert {"id", "instruction", "generator", "sampling", "seed"} <= set(records[0])
+    (row,) = read_jsonl(run / "ledger.jsonl")
+    assert row["step"] == "01_generate_instructions" and row["status"] == "ok"
+    assert row["seconds"] > 0 and row["peak_rss_mb"] > 50 and row["device"].startswith("cpu")
+    assert (run / "notebooks" / "01_generate_instructions.ipynb").exists()
+    # the token came from the environment and appears in no output, executed notebook included
+    assert FAKE_TOKEN not in _all_text(run)
+    # a second run skips the complete step
+    again = run_cli(["--profile", "smoke", "--run-dir", str(run), "--steps", "01"])
+    assert "01_generate_instructions: complete, skipped" in again.stdout
+    listing = run_cli(["--profile", "smoke", "--run-dir", str(run), "--list"])
+    assert "01_generate_instructions" in listing.stdout and "complete" in listing.stdout
+
+
+def test_sigkill_during_step_01_then_rerun_keeps_everything_once(tmp_path):
+    run = tmp_path / "run"
+    out = run / "data" / "instructions.jsonl"
+    args = [
+        "--profile",
+        "smoke",
+        "--run-dir",
+        str(run),
+        "--steps",
+        "01",
+        "--set",
+        "counts.instructions=600",
+        "--set",
+        "engine.batch_size=4",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run_all.py"), *args],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 40):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and its kernel, as a kill of the job would
+    proc.wait()
+    before = out.read_text()
+    kept_before = [json.loads(line) for line in before.splitlines() if line.endswith("}")]
+    assert 40 <= len(kept_before) < 600
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = read_jsonl(out)
+    assert len(after) == 600
+    assert len({r["id"] for r in after}) == 600
+    assert after[: len(kept_before)] == kept_before  # nothing from before the kill was lost or rewritten
+
+
+def test_unknown_profile_key_is_one_line_and_nothing_is_overwritten(tmp_path):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "instructions.jsonl").write_text('{"id": "x"}\n')
+    profile = tmp_path / "mine.yaml"
+    profile.write_text((REPO / "configs/profiles/smoke.yaml").read_text() + "\nengine:\n  batch_sise: 4\n")
+    result = run_cli(["--profile", str(profile), "--run-dir", str(run)])
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mine.yaml: unknown key 'engine.batch_sise'" in lines[0]
+    assert (run / "data" / "instructions.jsonl").read_text() == '{"id": "x"}\n'
+
+
+def test_corrupt_jsonl_line_stops_the_step_naming_file_and_line(tmp_path):
+    run = tmp_path / "run"
+    data = run / "data"
+    data.mkdir(parents=True)
+    text = '{"id": "ins-1", "instruction": "Tell me a joke.", "sample": 0}\n{"id": "ins-2", "instruction": oops\n'
+    text += '{"id": "ins-3", "instruction": "Name a fruit.", "sample": 2}\n'
+    (data / "instructions.jsonl").write_text(text)
+    result = run_cli(["--profile", "smoke", "--run-dir", str(run), "--steps", "01"])
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "step 01_generate_instructions failed in cell" in line
+    assert "DataError" in line and "instructions.jsonl:2: invalid JSON" in line
+    assert (data / "instructions.jsonl").read_text() == text
+
+
+def test_gated_hub_model_without_token_is_one_clear_line(tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class GatedHub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header(
+                "X-Error-Message", "Access to model meta-llama/Llama-3.1-8B-Instruct is restricted."
+            )
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "Access to model is restricted."}')
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), GatedHub)
+    Thread(target=server.serve_forever, daemon=True).start()
+    env = {
+        "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": "",
+        "SIT_CACHE": str(tmp_path / "cache"),
+    }
+    try:
+        result = run_cli(
+            [
+                "--profile",
+                "smoke",
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--steps",
+                "01",
+                "--set",
+                "models.generator=meta-llama/Llama-3.1-8B-Instruct",
+            ],
+            env=env,
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "ModelError: meta-llama/Llama-3.1-8B-Instruct is a gated model and no token found" in line
+    assert "set HF_TOKEN" in line
+
+
+def test_missing_model_package_names_the_package(monkeypatch):
+    from synthetic_instruction_tuner import models
+    from synthetic_instruction_tuner.errors import ModelError
+
+    monkeypatch.setitem(
+        models.GGUF_MODELS, "absent", models.GgufModel("absent-gguf-pkg", "absent_gguf_pkg", "x.gguf")
+    )
+    monkeypatch.setenv("SIT_CACHE", "/nonexistent-cache-for-test")
+    with pytest.raises(ModelError, match=r"'absent-gguf-pkg' is not installed: run `make install`"):
+        models.resolve_model("gguf:absent")
+
+
+def test_a_step_runs_directly_with_the_papermill_cli(tmp_path):
+    notebook = tmp_path / "01.ipynb"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupytext",
+            "--to",
+            "ipynb",
+            "-o",
+            str(notebook),
+            str(REPO / "pipeline/01_generate_instructions.py"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            str(notebook),
+            str(tmp_path / "out.ipynb"),
+            "-p",
+            "profile",
+            "smoke",
+            "-p",
+            "run_dir",
+            str(run),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(read_jsonl(run / "data" / "instructions.jsonl")) == 24
