@@ -30,7 +30,7 @@ from synthetic_instruction_tuner.store import read_jsonl
 # %% tags=["parameters"]
 profile = "cpu"  # hardware profile: smoke | cpu | t4 | a100 | h100
 run_dir = None  # None: runs/<profile>
-overrides = []  # what run_all.py --set passes: ["counts.instructions=500", ...]
+overrides = []  # extra settings, as run_all.py --set passes them
 
 # %%
 ctx = start_step(profile, run_dir, overrides)

@@ -54,6 +54,7 @@ class EngineConfig:
     batch_size: int = 16  # prompts per generate() call; halved on timeout or OOM
     batch_timeout_s: float = 600.0  # a batch slower than this is abandoned and retried at half size
     top_k_sampling: bool = True  # sample among top-k candidates instead of multinomial over the vocabulary
+    static_cache: bool = True  # preallocated KV cache instead of one that grows by concatenation
     show_progress: bool = True
 
 

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,8 +74,9 @@ from datasketch import MinHash, MinHashLSH
 from langdetect import DetectorFactory, detect
 from langdetect.lang_detect_exception import LangDetectException
 
-from .config import FilteringConfig
+from .config import Config, FilteringConfig
 from .errors import DataError
+from .store import RunPaths, count_jsonl, read_jsonl, write_json, write_jsonl
 
 RULE_REASONS: tuple[str, ...] = (
     "instruction_too_short",
@@ -447,3 +449,38 @@ def filter_records(
     }
     assert funnel["input"] - sum(removed_counts.values()) == funnel["kept"]  # internal bookkeeping
     return FilterResult(kept=[records[i] for i in kept_positions], funnel=funnel, removed=removed)
+
+
+def run_filter_step(paths: RunPaths, cfg: Config) -> dict[str, Any]:
+    """Step 03: responses.jsonl -> sft.jsonl (chat `messages`), funnel.json and filtered_out.jsonl.
+
+    The funnel starts at step 01's raw Magpie samples, so the report shows every count from the
+    first sample to the last kept row.
+    """
+    responses = read_jsonl(paths.file("responses.jsonl"), required=("id", "instruction", "response"))
+    result = filter_records(responses, cfg.filtering, target=cfg.counts.sft_target)
+    rejected_path = paths.file("instructions_rejected.jsonl")
+    magpie_rejected = read_jsonl(rejected_path, required=("reason",)) if rejected_path.exists() else []
+    instructions = count_jsonl(paths.file("instructions.jsonl"))
+    funnel = {
+        "generation": {
+            "magpie_samples": instructions + len(magpie_rejected),
+            "magpie_rejected": dict(Counter(r["reason"] for r in magpie_rejected)),
+            "instructions": instructions,
+            "responses": len(responses),
+        },
+        **result.funnel,
+    }
+    sft = [
+        {
+            "id": r["id"],
+            "messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}],
+            "instruction": r["instruction"],
+            "response": r["response"],
+        }
+        for r in result.kept
+    ]
+    write_jsonl(paths.file("filtered_out.jsonl"), result.removed)
+    write_jsonl(paths.file("sft.jsonl"), sft)
+    write_json(paths.file("funnel.json"), funnel)  # last: its presence marks the step complete
+    return funnel

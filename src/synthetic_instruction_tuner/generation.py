@@ -147,6 +147,7 @@ class GenerationEngine:
         seed: int = 0,
         show_progress: bool = True,
         stop_ids: Sequence[int] | None = None,
+        static_cache: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -155,6 +156,7 @@ class GenerationEngine:
         self.top_k_sampling = top_k_sampling
         self.seed = seed
         self.show_progress = show_progress
+        self.static_cache = static_cache
         self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.stats = EngineStats(batch_size=batch_size)
@@ -174,6 +176,8 @@ class GenerationEngine:
             "eos_token_id": self.stop_ids,
             "pad_token_id": self.pad_id,
             "stopping_criteria": [deadline],
+            # a preallocated cache: the default one concatenates every step, a fifth of CPU decode time
+            "cache_implementation": "static" if self.static_cache else None,
         }
         if sampling.temperature <= 0:
             kwargs["do_sample"] = False
@@ -327,6 +331,7 @@ def load_engine(cfg: Any, device: str) -> GenerationEngine:
         batch_size=e.batch_size,
         batch_timeout_s=e.batch_timeout_s,
         top_k_sampling=e.top_k_sampling,
+        static_cache=e.static_cache,
         seed=cfg.seed,
         show_progress=e.show_progress,
     )

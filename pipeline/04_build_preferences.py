@@ -1,0 +1,63 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Step 04 — Preference pairs
+#
+# **Purpose.** For each prompt, sample several responses across a temperature sweep, score them
+# (reward model, verifiable IFEval constraints, or both — `preferences.scorer`) and pair the best with
+# the worst. Ties and margins under `preferences.min_margin` are skipped and counted. A held-out
+# prompt split is set aside first and never trained on.
+#
+# **Inputs.** `data/sft.jsonl` (step 03).
+#
+# **Outputs.** `data/heldout.jsonl` (IFEval schema plus the reference response),
+# `data/preferences.jsonl` (TRL conversational `prompt`/`chosen`/`rejected` plus scores, temperatures
+# and scorer), `data/preferences_summary.json`; the sweep's samples and scores are appended to
+# `data/preference_samples.jsonl` and `data/preference_scores.jsonl` so a killed run resumes.
+
+# %%
+import pandas as pd
+
+from synthetic_instruction_tuner.generation import load_engine
+from synthetic_instruction_tuner.preferences import build_preferences
+from synthetic_instruction_tuner.steps import start_step
+from synthetic_instruction_tuner.store import read_jsonl
+
+# %% tags=["parameters"]
+profile = "cpu"  # hardware profile: smoke | cpu | t4 | a100 | h100
+run_dir = None  # None: runs/<profile>
+overrides = []  # extra settings, as run_all.py --set passes them
+
+# %%
+ctx = start_step(profile, run_dir, overrides)
+engine = load_engine(ctx.cfg, ctx.device)
+print(f"scorer: {ctx.cfg.preferences.scorer}; temperatures: {ctx.cfg.preferences.temperatures}")
+
+# %%
+summary = build_preferences(engine, ctx.cfg, ctx.paths, ctx.device)
+summary
+
+# %% [markdown]
+# ## A few pairs
+
+# %%
+pairs = read_jsonl(ctx.paths.file("preferences.jsonl"))
+pd.set_option("display.max_colwidth", 250)
+pd.DataFrame(
+    [
+        {
+            "prompt": p["prompt"][0]["content"],
+            "chosen": p["chosen"][0]["content"],
+            "rejected": p["rejected"][0]["content"],
+            "scores": f"{p['score_chosen']:.2f} vs {p['score_rejected']:.2f}",
+            "temperatures": f"{p['temperature_chosen']} vs {p['temperature_rejected']}",
+        }
+        for p in pairs[:5]
+    ]
+)

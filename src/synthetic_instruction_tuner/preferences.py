@@ -1,0 +1,275 @@
+"""Step 04: preference pairs from a temperature sweep, scored by a reward model and/or constraints.
+
+1. A held-out prompt split is set aside first (never trained on); every held-out prompt carries
+   1–3 verifiable constraints so it doubles as an IFEval-style evaluation set.
+2. Each remaining prompt is sampled at every temperature of the sweep. A share of prompts first get
+   IFEval constraints appended (deterministic per prompt id).
+3. Each sample is scored:
+   * `reward_model`: the reward model's logit 0 on the (question, answer) text pair, read through
+     its own tokenizer (OpenAssistant's DeBERTa-v3 reward models are used exactly so);
+   * `constraints`: the fraction of the prompt's constraints satisfied (lm-eval's IFEval checkers);
+   * `both`: `w * sigmoid(reward) + (1 - w) * fraction`, with w = `preferences.reward_weight`; prompts
+     without constraints fall back to sigmoid(reward). The sigmoid puts the unbounded reward on the
+     same [0, 1] scale as the fraction, so `w` is a real trade-off weight and one margin fits both.
+4. Chosen = best, rejected = worst. Ties and margins under `preferences.min_margin` are skipped and
+   counted. Output: TRL's conversational `prompt`/`chosen`/`rejected` plus the scores behind them.
+
+Samples and scores are appended as they are produced, so a killed step resumes without redoing work.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import constraints as ic
+from .config import Config, SamplingConfig
+from .errors import PipelineError
+from .generation import Completion, GenerationEngine, Request, chat_prompt_ids
+from .responses import user_turn
+from .store import JsonlAppender, RunPaths, read_jsonl, write_json, write_jsonl
+
+SKIP_REASONS = ("tie", "small_margin", "unscored", "too_few_samples")
+
+
+def _rng(seed: int, *parts: object) -> random.Random:
+    return random.Random(":".join(str(p) for p in (seed, *parts)))
+
+
+def split_heldout(records: list[dict[str, Any]], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded random split: `n` held-out records and the rest, both in input order."""
+    if n >= len(records):
+        raise PipelineError(f"counts.heldout_prompts={n} leaves no training prompts out of {len(records)}")
+    chosen = set(_rng(seed, "heldout").sample(range(len(records)), n))
+    heldout = [r for i, r in enumerate(records) if i in chosen]
+    return heldout, [r for i, r in enumerate(records) if i not in chosen]
+
+
+def constraints_for(prompt_id: str, cfg: Config, always: bool = False) -> list[ic.Constraint]:
+    """The constraints a prompt gets (deterministic per prompt id); empty for prompts outside the share."""
+    p = cfg.preferences
+    rng = _rng(cfg.seed, "constraints", prompt_id)
+    if not always and rng.random() >= p.constraint_share:
+        return []
+    return ic.sample_constraints(rng, rng.randint(p.min_constraints, p.max_constraints))
+
+
+def _serialise(constraints: list[ic.Constraint]) -> list[dict[str, Any]]:
+    return [{"instruction_id": c.instruction_id, "kwargs": c.kwargs} for c in constraints]
+
+
+def _deserialise(items: list[dict[str, Any]]) -> list[ic.Constraint]:
+    return [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in items]
+
+
+def heldout_records(heldout: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """Held-out prompts in google/IFEval's schema (key, prompt, instruction_id_list, kwargs), plus the
+    original instruction and its reference response for loss/perplexity."""
+    out = []
+    for key, record in enumerate(heldout):
+        cons = constraints_for(record["id"], cfg, always=True)
+        prompt = ic.add_constraints(record["instruction"], cons)
+        out.append(
+            {
+                "id": record["id"],
+                **ic.to_ifeval_record(key, prompt, cons),
+                "instruction": record["instruction"],
+                "response": record["response"],
+            }
+        )
+    return out
+
+
+def sweep_requests(prompts: list[dict[str, Any]], cfg: Config, tokenizer: Any) -> list[Request]:
+    p = cfg.preferences
+    requests = []
+    for prompt in prompts:
+        ids = chat_prompt_ids(tokenizer, user_turn(prompt["prompt"]))
+        for temperature in p.temperatures:
+            sampling = SamplingConfig(temperature=temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens)
+            for k in range(p.samples_per_temperature):
+                requests.append(Request(f"{prompt['id']}|t{temperature:g}|{k}", ids, sampling, {"prompt_id": prompt["id"]}))
+    return requests
+
+
+class RewardScorer:
+    """A sequence-classification reward model scoring (question, answer) pairs, batched by length."""
+
+    def __init__(self, ref: str, dtype: str, device: str, batch_size: int) -> None:
+        from .models import load_reward_model, load_tokenizer, resolve_model
+
+        path = resolve_model(ref).path
+        self.tokenizer = load_tokenizer(path, padding_side="right")
+        self.model = load_reward_model(path, dtype, device)
+        self.batch_size = batch_size
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        import torch
+
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        scores: dict[int, float] = {}
+        start, size = 0, self.batch_size
+        while start < len(order):
+            idx = order[start : start + size]
+            enc = self.tokenizer(
+                [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
+                padding=True, truncation=True, max_length=min(self.tokenizer.model_max_length, 2048),
+                return_tensors="pt",
+            ).to(self.model.device)
+            try:
+                with torch.inference_mode():
+                    logits = self.model(**enc).logits[:, 0].float().tolist()
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size //= 2
+                torch.cuda.empty_cache()
+                continue
+            scores.update(zip(idx, logits, strict=True))
+            start += len(idx)
+        return [scores[i] for i in range(len(pairs))]
+
+
+def combined_score(scorer: str, reward: float | None, fraction: float | None, weight: float) -> float | None:
+    """The score pairs are chosen by; None when the scorer has nothing to go on."""
+    if scorer == "constraints":
+        return fraction
+    if reward is None:
+        return None
+    squashed = 1.0 / (1.0 + math.exp(-reward))
+    if scorer == "reward_model" or fraction is None:
+        return squashed if scorer == "both" else reward
+    return weight * squashed + (1.0 - weight) * fraction
+
+
+def select_pair(samples: list[dict[str, Any]], min_margin: float) -> tuple[dict[str, Any] | None, str | None]:
+    """Best vs worst of one prompt's scored samples, or (None, skip reason)."""
+    scored = [s for s in samples if s["response"].strip()]
+    if len(scored) < 2:
+        return None, "too_few_samples"
+    if any(s["score"] is None for s in scored):
+        return None, "unscored"
+    # among equal scores prefer, as chosen, a response that ended on its own at a lower temperature
+    key = lambda s: (s["score"], s["finish_reason"] == "stop", -s["temperature"])  # noqa: E731
+    chosen, rejected = max(scored, key=key), min(scored, key=key)
+    margin = chosen["score"] - rejected["score"]
+    if margin <= 0:
+        return None, "tie"
+    if margin < min_margin:
+        return None, "small_margin"
+    return {"chosen": chosen, "rejected": rejected, "margin": margin}, None
+
+
+def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    """Write heldout.jsonl, the sampled/scored sweep, preferences.jsonl and preferences_summary.json."""
+    p = cfg.preferences
+    sft = read_jsonl(paths.file("sft.jsonl"), required=("id", "instruction", "response"))
+    heldout_path = paths.file("heldout.jsonl")
+    heldout, rest = split_heldout(sft, cfg.counts.heldout_prompts, cfg.seed)
+    write_jsonl(heldout_path, heldout_records(heldout, cfg))
+
+    chosen_ids = set(_rng(cfg.seed, "preference-prompts").sample(range(len(rest)), min(cfg.counts.preference_prompts, len(rest))))
+    prompts = []
+    for i, record in enumerate(rest):
+        if i not in chosen_ids:
+            continue
+        cons = constraints_for(record["id"], cfg)
+        prompts.append(
+            {"id": record["id"], "prompt": ic.add_constraints(record["instruction"], cons) if cons else record["instruction"],
+             "constraints": cons}
+        )
+
+    with JsonlAppender(paths.file("preference_samples.jsonl"), required=("prompt_id", "response")) as samples:
+        requests = [r for r in sweep_requests(prompts, cfg, engine.tokenizer) if r.id not in samples]
+
+        def append(batch: list[tuple[Request, Completion]]) -> None:
+            samples.append(
+                {
+                    "id": request.id,
+                    "prompt_id": request.meta["prompt_id"],
+                    "temperature": request.sampling.temperature,
+                    "response": completion.text.strip(),
+                    "finish_reason": completion.finish_reason,
+                    "num_tokens": len(completion.token_ids),
+                    "seed": completion.seed,
+                }
+                for request, completion in batch
+            )
+
+        engine.run(requests, append, desc="preference sweep")
+        all_samples = list(samples.records)
+
+    by_prompt = {pr["id"]: pr for pr in prompts}
+    with JsonlAppender(paths.file("preference_scores.jsonl"), required=("reward", "constraint_fraction")) as scores:
+        todo = [s for s in all_samples if s["id"] not in scores and s["prompt_id"] in by_prompt]
+        rewards: list[float | None] = [None] * len(todo)
+        if p.scorer in ("reward_model", "both") and todo:
+            scorer = RewardScorer(cfg.models.reward_model or "", cfg.hardware.dtype, device, p.reward_batch_size)
+            rewards = list(scorer.score([(by_prompt[s["prompt_id"]]["prompt"], s["response"]) for s in todo]))
+        rows = []
+        for sample, reward in zip(todo, rewards, strict=True):
+            cons = by_prompt[sample["prompt_id"]]["constraints"]
+            fraction = ic.score(sample["response"], cons) if cons and sample["response"].strip() else (0.0 if cons else None)
+            rows.append({"id": sample["id"], "reward": reward, "constraint_fraction": fraction})
+        scores.append(rows)
+        score_of = {r["id"]: r for r in scores.records}
+
+    pairs, skipped = [], Counter({reason: 0 for reason in SKIP_REASONS})
+    grouped: dict[str, list[dict[str, Any]]] = {pid: [] for pid in by_prompt}
+    for sample in all_samples:
+        if sample["prompt_id"] in grouped:
+            s = score_of[sample["id"]]
+            grouped[sample["prompt_id"]].append(
+                {**sample, "reward": s["reward"], "constraint_fraction": s["constraint_fraction"],
+                 "score": combined_score(p.scorer, s["reward"], s["constraint_fraction"], p.reward_weight)}
+            )
+    for pid, group in grouped.items():
+        pair, reason = select_pair(group, p.min_margin)
+        if pair is None:
+            skipped[reason or "unscored"] += 1
+            continue
+        prompt = by_prompt[pid]
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        pairs.append(
+            {
+                "id": pid,
+                "prompt": user_turn(prompt["prompt"]),
+                "chosen": [{"role": "assistant", "content": chosen["response"]}],
+                "rejected": [{"role": "assistant", "content": rejected["response"]}],
+                "score_chosen": chosen["score"],
+                "score_rejected": rejected["score"],
+                "margin": pair["margin"],
+                "temperature_chosen": chosen["temperature"],
+                "temperature_rejected": rejected["temperature"],
+                "scorer": p.scorer,
+                "constraints": _serialise(prompt["constraints"]),
+                "sample_scores": {s["id"]: s["score"] for s in group},
+            }
+        )
+    write_jsonl(paths.file("preferences.jsonl"), pairs)
+    summary = {
+        "sft_prompts": len(sft),
+        "heldout": len(heldout),
+        "preference_prompts": len(prompts),
+        "prompts_with_constraints": sum(1 for pr in prompts if pr["constraints"]),
+        "samples": len(all_samples),
+        "pairs": len(pairs),
+        "skipped": dict(skipped),
+        "scorer": p.scorer,
+        "temperatures": p.temperatures,
+        "min_margin": p.min_margin,
+        "mean_margin": sum(x["margin"] for x in pairs) / len(pairs) if pairs else None,
+        "chosen_temperature": dict(Counter(str(x["temperature_chosen"]) for x in pairs)),
+        "rejected_temperature": dict(Counter(str(x["temperature_rejected"]) for x in pairs)),
+        "sampling": asdict(SamplingConfig(top_p=p.top_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens)),
+    }
+    write_json(paths.file("preferences_summary.json"), summary)
+    return summary
+
+
+def load_heldout_ids(path: str | Path) -> set[str]:
+    return {r["id"] for r in read_jsonl(path, required=("id",))}

@@ -1,0 +1,55 @@
+"""Step 02: one response per instruction from the generator, through its own chat template."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .generation import Completion, GenerationEngine, Request, chat_prompt_ids
+from .store import JsonlAppender, read_jsonl
+
+
+def user_turn(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def generate_responses(
+    engine: GenerationEngine, cfg: Config, instructions_path: str | Path, out_path: str | Path
+) -> dict[str, Any]:
+    """Answer every instruction not yet answered in `out_path`; appends as batches finish."""
+    instructions = read_jsonl(instructions_path, required=("id", "instruction"))
+    sampling = cfg.responses.sampling
+    with JsonlAppender(out_path, required=("instruction", "response")) as out:
+        todo = [r for r in instructions if r["id"] not in out]
+        requests = [
+            Request(r["id"], chat_prompt_ids(engine.tokenizer, user_turn(r["instruction"])), sampling, r)
+            for r in todo
+        ]
+
+        def append(batch: list[tuple[Request, Completion]]) -> None:
+            out.append(
+                {
+                    "id": request.id,
+                    "instruction": request.meta["instruction"],
+                    "response": completion.text.strip(),
+                    "finish_reason": completion.finish_reason,
+                    "num_tokens": len(completion.token_ids),
+                    "generator": cfg.models.generator,
+                    "sampling": asdict(sampling),
+                    "seed": completion.seed,
+                }
+                for request, completion in batch
+            )
+
+        engine.run(requests, append, desc="responses")
+        finished = [r["finish_reason"] for r in out.records]
+    return {
+        "instructions": len(instructions),
+        "responses": len(finished),
+        "generated_now": len(requests),
+        "ended_on_end_token": finished.count("stop"),
+        "cut_at_length_limit": finished.count("length"),
+        "tokens_per_second": round(engine.stats.tokens_per_second, 1),
+    }
