@@ -47,4 +47,6 @@ summary
 
 # %%
 pd.set_option("display.max_colwidth", 300)
-pd.DataFrame(read_jsonl(ctx.paths.file("responses.jsonl")))[["instruction", "response", "finish_reason"]].head(5)
+pd.DataFrame(read_jsonl(ctx.paths.file("responses.jsonl")))[
+    ["instruction", "response", "finish_reason"]
+].head(5)

@@ -1,8 +1,8 @@
 """Benchmarks that print ratios measured side by side in one run (not tests).
 
-    python -m synthetic_instruction_tuner.bench generation --profile cpu
-        one prompt at a time with plain `generate` (the seed's fallback) vs the batched engine,
-        same model, precision, sampling settings, stop tokens and number of outputs.
+python -m synthetic_instruction_tuner.bench generation --profile cpu
+    one prompt at a time with plain `generate` (the seed's fallback) vs the batched engine,
+    same model, precision, sampling settings, stop tokens and number of outputs.
 """
 
 from __future__ import annotations
@@ -66,7 +66,12 @@ def bench_generation(profile: str, overrides: list[str], num_outputs: int | None
             )
         tokens += _real_tokens(out[0].tolist(), len(prompt), stop)
     single_s = time.perf_counter() - started
-    single = {"outputs": n, "tokens": tokens, "seconds": round(single_s, 1), "tokens_per_s": tokens / single_s}
+    single = {
+        "outputs": n,
+        "tokens": tokens,
+        "seconds": round(single_s, 1),
+        "tokens_per_s": tokens / single_s,
+    }
 
     requests = [Request(f"b{i:05d}", prompt, sampling) for i in range(n)]
     stats = engine.run(requests, lambda batch: None, desc="batched")
@@ -78,7 +83,9 @@ def bench_generation(profile: str, overrides: list[str], num_outputs: int | None
         "batch_size": stats.batch_size,
     }
     ratio = batched["tokens_per_s"] / single["tokens_per_s"]
-    print(f"one prompt at a time: {single['tokens_per_s']:8.1f} tokens/s  ({tokens} tokens in {single_s:.1f} s)")
+    print(
+        f"one prompt at a time: {single['tokens_per_s']:8.1f} tokens/s  ({tokens} tokens in {single_s:.1f} s)"
+    )
     print(
         f"batched engine (bs {stats.batch_size}): {batched['tokens_per_s']:8.1f} tokens/s  "
         f"({stats.new_tokens} tokens in {stats.seconds:.1f} s)"

