@@ -75,3 +75,44 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The whole smoke pipeline, run once through run_all.py as a user would: (run dir, reports dir)."""
+    root = tmp_path_factory.mktemp("smoke")
+    run, reports = root / "run", root / "reports"
+    result = run_cli(
+        ["--profile", "smoke", "--run-dir", str(run), "--reports-dir", str(reports)], timeout=1800
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run, reports
+
+
+def kill_when(args: list[str], path: Path, min_lines: int = 0, timeout: float = 300) -> None:
+    """Start run_all.py and SIGKILL its whole process group (orchestrator and kernel) once `path` has
+    `min_lines` lines, or, for a directory, once it exists."""
+    import signal
+    import subprocess
+    import time
+
+    def ready() -> bool:
+        if path.is_dir():
+            return True
+        return path.is_file() and min_lines > 0 and path.read_text().count("\n") >= min_lines
+
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run_all.py"), *args],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.1)
+        assert ready(), f"{path} never appeared before the process ended"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -47,11 +47,11 @@ def test_gpu_batch_sizes_follow_the_seed():
 
 
 def test_precedence_recipe_then_profile_then_command_line():
-    recipe_only = load_config("a100").sft.num_train_epochs
+    recipe_only = load_config("a100").sft.max_steps
     profile = load_config("cpu")
-    assert recipe_only == 3 and profile.sft.num_train_epochs == 1  # the cpu profile overrides the recipe
-    cli = load_config("cpu", ["sft.num_train_epochs=2", "models.generator=tiny:chat-lm"])
-    assert cli.sft.num_train_epochs == 2.0 and cli.models.generator == "tiny:chat-lm"
+    assert recipe_only == -1 and profile.sft.max_steps == 10  # the cpu profile overrides the recipe
+    cli = load_config("cpu", ["sft.max_steps=2", "sft.learning_rate=1e-4", "models.generator=tiny:chat-lm"])
+    assert cli.sft.max_steps == 2 and cli.sft.learning_rate == 1e-4 and cli.models.generator == "tiny:chat-lm"
     assert cli.lora.r == 8  # untouched keys keep the recipe's value
 
 

@@ -60,3 +60,14 @@ def test_atomic_json_write_replaces_whole_file(tmp_path):
     write_json(path, {"b": 2})
     assert json.loads(path.read_text()) == {"b": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    from synthetic_instruction_tuner.store import check_resumable
+
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": "a", "sampling": {"temperature": 0.7}}\n')
+    with JsonlAppender(path) as out:
+        check_resumable(out, {"sampling": {"temperature": 0.7}})
+        with pytest.raises(DataError, match=r"x\.jsonl:1: sampling .* differs from this run's .*--force"):
+            check_resumable(out, {"sampling": {"temperature": 1.0}})

@@ -94,6 +94,114 @@ def bench_generation(profile: str, overrides: list[str], num_outputs: int | None
     return {"single": single, "batched": batched, "ratio": ratio}
 
 
+def _sft_worker(
+    profile: str, overrides: list[str], run_dir: str | None, which: str, steps: int
+) -> dict[str, Any]:
+    """Train `steps` optimizer steps of LoRA SFT with one configuration; runs in its own process."""
+    import resource
+
+    from trl import SFTConfig, SFTTrainer
+
+    from .models import resolve_model
+    from .steps import start_step
+    from .training import chat_tokenizer, load_target, lora_config, sft_config, sft_splits, use_dense_lm_head
+
+    ctx = start_step(profile, run_dir, overrides)
+    cfg = ctx.cfg
+    train, evaluation = sft_splits(ctx.paths, cfg)
+    train, evaluation = train.remove_columns("id"), evaluation.remove_columns("id")
+    out = ctx.paths.root / "bench" / which
+    if which == "ours":
+        args = sft_config(cfg, out, ctx.device)
+        args.max_steps, args.save_strategy, args.eval_strategy, args.logging_steps = steps, "no", "no", 1
+    else:
+        s = cfg.sft
+        args = SFTConfig(  # TRL's defaults, but for what defines the method and the comparison
+            output_dir=str(out),
+            max_steps=steps,
+            learning_rate=s.learning_rate,
+            lr_scheduler_type=s.lr_scheduler_type,
+            warmup_steps=s.warmup_ratio,
+            max_grad_norm=s.max_grad_norm,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            per_device_train_batch_size=s.per_device_train_batch_size,
+            gradient_accumulation_steps=s.gradient_accumulation_steps,
+            assistant_only_loss=True,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            use_cpu=ctx.device == "cpu",
+            bf16=ctx.device != "cpu" and cfg.hardware.dtype == "bfloat16",
+        )
+    trainer = SFTTrainer(
+        model=load_target(cfg, ctx.device),
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=chat_tokenizer(resolve_model(cfg.models.target).path),
+        peft_config=lora_config(cfg),
+    )
+    if which == "ours" and cfg.hardware.dense_lm_head:
+        use_dense_lm_head(trainer)
+    result = trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"]
+    return {
+        "config": which,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "padding_free": args.padding_free,
+        "dense_lm_head": which == "ours" and cfg.hardware.dense_lm_head,
+        "optim": str(args.optim),
+        "max_length": args.max_length,
+        "samples_per_second": result.metrics["train_samples_per_second"],
+        "train_seconds": result.metrics["train_runtime"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "eval_loss": eval_loss,
+    }
+
+
+def bench_sft(profile: str, overrides: list[str], run_dir: str | None, steps: int) -> dict[str, Any]:
+    import json
+    import subprocess
+
+    results = {}
+    for which in ("trl", "ours"):
+        cmd = [
+            sys.executable,
+            "-m",
+            "synthetic_instruction_tuner.bench",
+            "_sft_worker",
+            "--profile",
+            profile,
+            "--which",
+            which,
+            "--steps",
+            str(steps),
+        ]
+        cmd += [a for o in overrides for a in ("--set", o)] + (["--run-dir", run_dir] if run_dir else [])
+        print(f"training {steps} steps with the {which} configuration ...", flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise PipelineError(
+                f"sft benchmark worker ({which}) failed: {done.stderr.strip().splitlines()[-1]}"
+            )
+        results[which] = json.loads(done.stdout.strip().splitlines()[-1])
+    trl, ours = results["trl"], results["ours"]
+    for row in (trl, ours):
+        print(
+            f"{row['config']:>4}: {row['samples_per_second']:6.2f} samples/s  peak RSS {row['peak_rss_mb']:7.0f} MB  "
+            f"eval loss {row['eval_loss']:.4f}  (gradient checkpointing {row['gradient_checkpointing']}, padding-free "
+            f"{row['padding_free']}, dense LM head {row['dense_lm_head']}, optim {row['optim']})"
+        )
+    print(
+        f"ours / TRL defaults: speed {ours['samples_per_second'] / trl['samples_per_second']:.2f}x, "
+        f"peak memory {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x, "
+        f"eval loss {ours['eval_loss'] / trl['eval_loss']:.3f}x"
+    )
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m synthetic_instruction_tuner.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -101,10 +209,28 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--profile", default="cpu")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     gen.add_argument("--num-outputs", type=int, default=None, help="default: two engine batches")
+    for name in ("sft", "_sft_worker"):
+        sft = sub.add_parser(
+            name, help="the project's SFT setup vs TRL's defaults" if name == "sft" else None
+        )
+        sft.add_argument("--profile", default="cpu")
+        sft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        sft.add_argument(
+            "--run-dir", default=None, help="a run whose steps 03-04 are done (default: runs/<profile>)"
+        )
+        sft.add_argument("--steps", type=int, default=12)
+        if name == "_sft_worker":
+            sft.add_argument("--which", choices=("ours", "trl"), required=True)
     args = parser.parse_args(argv)
     try:
         if args.what == "generation":
             bench_generation(args.profile, args.overrides, args.num_outputs)
+        elif args.what == "sft":
+            bench_sft(args.profile, args.overrides, args.run_dir, args.steps)
+        elif args.what == "_sft_worker":
+            import json
+
+            print(json.dumps(_sft_worker(args.profile, args.overrides, args.run_dir, args.which, args.steps)))
     except PipelineError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1

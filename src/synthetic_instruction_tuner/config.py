@@ -33,9 +33,14 @@ class ModelsConfig:
 class HardwareConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # training / evaluation precision
-    generation_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # data generation precision
+    generation_dtype: Literal["float32", "bfloat16", "float16"] = (
+        "float32"  # generation and evaluation precision
+    )
     load_in_4bit: bool = False  # bitsandbytes nf4 for the generator and QLoRA for the target
     torch_threads: int | None = None  # None: torch's default (all cores)
+    dense_lm_head: bool = (
+        False  # score labelled positions with one LM-head matmul instead of TRL's chunked kernel
+    )
     compute_units_per_hour: float = 0.0  # billing rate of the machine (Colab compute units / hour)
     compute_units_source: str = ""  # where that rate comes from
 
@@ -54,7 +59,7 @@ class EngineConfig:
     batch_size: int = 16  # prompts per generate() call; halved on timeout or OOM
     batch_timeout_s: float = 600.0  # a batch slower than this is abandoned and retried at half size
     top_k_sampling: bool = True  # sample among top-k candidates instead of multinomial over the vocabulary
-    static_cache: bool = True  # preallocated KV cache instead of one that grows by concatenation
+    static_cache_max_new_tokens: int = 128  # preallocated KV cache for generations up to this long (0: never)
     show_progress: bool = True
 
 
@@ -78,6 +83,7 @@ class MagpieConfig:
 @dataclass
 class ResponsesConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.9))
+    system_prompt: str | None = None  # system turn used while generating (None: the template's default)
 
 
 @dataclass
@@ -108,6 +114,7 @@ class PreferencesConfig:
     constraint_share: float = 0.5  # share of prompts that get verifiable constraints
     min_constraints: int = 1
     max_constraints: int = 3
+    constraint_ids: list[str] | None = None  # IFEval instruction ids to draw from (None: all supported)
     min_margin: float = 0.1  # pairs whose chosen-rejected score gap is below this are skipped
     reward_batch_size: int = 16
 
@@ -136,11 +143,14 @@ class SftConfig:
     gradient_accumulation_steps: int = 4
     per_device_eval_batch_size: int = 8
     gradient_checkpointing: bool = False
-    max_length: int = 1024
+    max_length: int | None = 1024  # None: no truncation (required by padding_free)
     eval_fraction: float = 0.1  # share of the SFT set held out for eval loss
     logging_steps: int = 5
     save_steps: int = 50
-    padding_free: bool = False
+    padding_free: bool = (
+        False  # pack each batch into one row (no padding tokens), positions restart per example
+    )
+    group_by_length: bool = False  # batch examples of similar length together, so less padding is computed
 
 
 @dataclass
@@ -370,6 +380,14 @@ def _check_consistency(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: preferences.constraint_share must be within [0, 1]")
     if p.min_constraints > p.max_constraints:
         raise ConfigError(f"{source}: preferences.min_constraints exceeds preferences.max_constraints")
+    if p.constraint_ids is not None:
+        from .constraints import SUPPORTED_IDS
+
+        unknown = [i for i in p.constraint_ids if i not in SUPPORTED_IDS]
+        if unknown:
+            raise ConfigError(f"{source}: preferences.constraint_ids has unsupported id {unknown[0]!r}")
+        if len(p.constraint_ids) < p.max_constraints:
+            raise ConfigError(f"{source}: preferences.constraint_ids has fewer ids than max_constraints")
     if cfg.counts.sft_target > cfg.counts.instructions:
         raise ConfigError(f"{source}: counts.sft_target exceeds counts.instructions")
     if cfg.engine.batch_size < 1:

@@ -200,17 +200,22 @@ def conflicts() -> dict[str, frozenset[str]]:
     return {key: frozenset(value) for key, value in table.items()}
 
 
-def sample_constraints(rng: random.Random, k: int) -> list[Constraint]:
-    """Draw ``k`` distinct, mutually compatible constraints with concrete kwargs.
+def sample_constraints(rng: random.Random, k: int, allowed: Sequence[str] | None = None) -> list[Constraint]:
+    """Draw ``k`` distinct, mutually compatible constraints with concrete kwargs, from ``allowed``
+    (default: every supported id).
 
     Everything comes from ``rng`` (never the global ``random`` that IFEval's checkers fall back
     on), so a seed reproduces the exact constraint set.
     """
-    if not 0 <= k <= len(SUPPORTED_IDS):
-        raise ValueError(f"k must be between 0 and {len(SUPPORTED_IDS)}, got {k}")
+    pool = tuple(allowed) if allowed else SUPPORTED_IDS
+    unknown = [i for i in pool if i not in SUPPORTED_IDS]
+    if unknown:
+        raise ValueError(f"unsupported constraint id {unknown[0]!r} (supported: {', '.join(SUPPORTED_IDS)})")
+    if not 0 <= k <= len(pool):
+        raise ValueError(f"k must be between 0 and {len(pool)}, got {k}")
     table = conflicts()
     for _ in range(_MAX_ATTEMPTS):
-        order = list(SUPPORTED_IDS)
+        order = list(pool)
         rng.shuffle(order)
         chosen: list[str] = []
         for instruction_id in order:

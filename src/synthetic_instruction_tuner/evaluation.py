@@ -135,7 +135,7 @@ def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
     kwargs: dict[str, Any] = {
         "pretrained": str(target),
         "tokenizer": str(_tokenizer_dir(cfg, paths, method, target)),
-        "dtype": cfg.hardware.dtype,
+        "dtype": cfg.hardware.generation_dtype,  # inference precision, as for data generation
         "device": device,
         "batch_size": cfg.evaluation.batch_size,
     }

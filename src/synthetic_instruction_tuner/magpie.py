@@ -20,7 +20,7 @@ from typing import Any
 from .config import Config
 from .errors import GenerationError
 from .generation import Completion, GenerationEngine, Request, encode_rendered
-from .store import JsonlAppender
+from .store import JsonlAppender, check_resumable
 
 SENTINEL = "\u2063MAGPIE-SENTINEL\u2063"
 
@@ -105,6 +105,9 @@ def generate_instructions(
         JsonlAppender(out_path, required=("instruction", "sample")) as accepted,
         JsonlAppender(rejected_path, required=("sample", "reason")) as rejected,
     ):
+        check_resumable(
+            accepted, {"generator": cfg.models.generator, "sampling": asdict(cfg.magpie.sampling)}
+        )
         return _generate(engine, cfg, accepted, rejected)
 
 

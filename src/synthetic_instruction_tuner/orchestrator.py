@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import PROFILES, REPO_ROOT, load_config
+from .config import PROFILES, REPO_ROOT, Config, load_config
 from .errors import PipelineError
 from .ledger import ResourceMonitor, append_row, device_description, new_run_id, step_row
 from .steps import PIPELINE, Step, default_run_dir, existing_steps, is_complete
@@ -177,9 +178,7 @@ def run_step(
     return row
 
 
-def render_reports(
-    paths: RunPaths, reports_dir: Path, parameters: dict[str, Any], profile: str
-) -> list[Path]:
+def render_reports(paths: RunPaths, reports_dir: Path, parameters: dict[str, Any], cfg: Config) -> list[Path]:
     """Execute the analysis notebooks and export them to HTML without code cells, plus an index."""
     import nbformat
     from nbconvert import HTMLExporter
@@ -199,7 +198,13 @@ def render_reports(
         target = reports_dir / f"{source.stem}.html"
         target.write_text(body, encoding="utf-8")
         written.append(target)
-    written.append(write_index(reports_dir, paths, profile, [p.name for p in written]))
+    models = {
+        "generator": cfg.models.generator,
+        "target": cfg.models.target,
+        "pair scorer": cfg.preferences.scorer
+        + (f" ({cfg.models.reward_model})" if cfg.models.reward_model else ""),
+    }
+    written.append(write_index(reports_dir, paths, cfg.profile, [p.name for p in written], models))
     return written
 
 
@@ -236,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.force and is_complete(step, cfg, paths):
                 print(f"run_all: {step.name}: complete, skipped (use --force to rerun)", flush=True)
                 continue
-            if args.force:
+            if args.force:  # from scratch: outputs and the state a rerun would resume from
                 for output in step.outputs:
                     (paths.root / output).unlink(missing_ok=True)
+                for folder in step.scratch:
+                    shutil.rmtree(paths.root / folder, ignore_errors=True)
             print(f"run_all: {step.name}: running ({step.notebook})", flush=True)
             row = run_step(step, paths, parameters, context, args.cell_timeout)
             print(f"run_all: {step.name}: done in {row['seconds']:.1f} s", flush=True)
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.reports_dir
                 else (run_dir / "reports" if args.run_dir else REPO_ROOT / "reports" / cfg.profile)
             )
-            written = render_reports(paths, reports_dir, parameters, cfg.profile)
+            written = render_reports(paths, reports_dir, parameters, cfg)
             print(f"run_all: reports written to {written[-1]}", flush=True)
     except PipelineError as exc:
         print(f"run_all: error: {exc}", file=sys.stderr, flush=True)

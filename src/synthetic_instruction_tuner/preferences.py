@@ -19,19 +19,19 @@ Samples and scores are appended as they are produced, so a killed step resumes w
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from . import constraints as ic
 from .config import Config, SamplingConfig
 from .errors import PipelineError
 from .generation import Completion, GenerationEngine, Request, chat_prompt_ids
-from .responses import user_turn
-from .store import JsonlAppender, RunPaths, read_jsonl, write_json, write_jsonl
+from .responses import generation_messages, user_turn
+from .store import JsonlAppender, RunPaths, check_resumable, read_jsonl, write_json, write_jsonl
 
 SKIP_REASONS = ("tie", "small_margin", "unscored", "too_few_samples")
 
@@ -55,15 +55,11 @@ def constraints_for(prompt_id: str, cfg: Config, always: bool = False) -> list[i
     rng = _rng(cfg.seed, "constraints", prompt_id)
     if not always and rng.random() >= p.constraint_share:
         return []
-    return ic.sample_constraints(rng, rng.randint(p.min_constraints, p.max_constraints))
+    return ic.sample_constraints(rng, rng.randint(p.min_constraints, p.max_constraints), p.constraint_ids)
 
 
 def _serialise(constraints: list[ic.Constraint]) -> list[dict[str, Any]]:
     return [{"instruction_id": c.instruction_id, "kwargs": c.kwargs} for c in constraints]
-
-
-def _deserialise(items: list[dict[str, Any]]) -> list[ic.Constraint]:
-    return [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in items]
 
 
 def heldout_records(heldout: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
@@ -85,20 +81,20 @@ def heldout_records(heldout: list[dict[str, Any]], cfg: Config) -> list[dict[str
 
 
 def sweep_requests(prompts: list[dict[str, Any]], cfg: Config, tokenizer: Any) -> list[Request]:
+    """One request per prompt, temperature and repeat. The id carries a hash of the prompt text, so a
+    rerun after upstream changes reuses exactly the samples whose prompt is unchanged."""
     p = cfg.preferences
     requests = []
     for prompt in prompts:
-        ids = chat_prompt_ids(tokenizer, user_turn(prompt["prompt"]))
+        ids = chat_prompt_ids(tokenizer, generation_messages(prompt["prompt"], cfg.responses.system_prompt))
+        digest = hashlib.sha1(prompt["prompt"].encode()).hexdigest()[:8]
         for temperature in p.temperatures:
             sampling = SamplingConfig(
                 temperature=temperature, top_p=p.top_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens
             )
             for k in range(p.samples_per_temperature):
-                requests.append(
-                    Request(
-                        f"{prompt['id']}|t{temperature:g}|{k}", ids, sampling, {"prompt_id": prompt["id"]}
-                    )
-                )
+                request_id = f"{prompt['id']}|{digest}|t{temperature:g}|{k}"
+                requests.append(Request(request_id, ids, sampling, {"prompt_id": prompt["id"]}))
     return requests
 
 
@@ -199,8 +195,15 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
             }
         )
 
+    settings = {
+        "generator": cfg.models.generator,
+        "system_prompt": cfg.responses.system_prompt,
+        "sampling": {"top_p": p.top_p, "top_k": p.top_k, "max_new_tokens": p.max_new_tokens},
+    }
     with JsonlAppender(paths.file("preference_samples.jsonl"), required=("prompt_id", "response")) as samples:
-        requests = [r for r in sweep_requests(prompts, cfg, engine.tokenizer) if r.id not in samples]
+        check_resumable(samples, settings)
+        sweep = sweep_requests(prompts, cfg, engine.tokenizer)
+        requests = [r for r in sweep if r.id not in samples]
 
         def append(batch: list[tuple[Request, Completion]]) -> None:
             samples.append(
@@ -212,18 +215,25 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
                     "finish_reason": completion.finish_reason,
                     "num_tokens": len(completion.token_ids),
                     "seed": completion.seed,
+                    **settings,
                 }
                 for request, completion in batch
             )
 
         engine.run(requests, append, desc="preference sweep")
-        all_samples = list(samples.records)
+        wanted = {r.id for r in sweep}
+        all_samples = [s for s in samples.records if s["id"] in wanted]
 
     by_prompt = {pr["id"]: pr for pr in prompts}
+    scorer_settings = {
+        "scorer": p.scorer,
+        "reward_model": cfg.models.reward_model if p.scorer != "constraints" else None,
+    }
     with JsonlAppender(
         paths.file("preference_scores.jsonl"), required=("reward", "constraint_fraction")
     ) as scores:
-        todo = [s for s in all_samples if s["id"] not in scores and s["prompt_id"] in by_prompt]
+        check_resumable(scores, scorer_settings)
+        todo = [s for s in all_samples if s["id"] not in scores]
         rewards: list[float | None] = [None] * len(todo)
         if p.scorer in ("reward_model", "both") and todo:
             scorer = RewardScorer(
@@ -238,14 +248,16 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
                 if cons and sample["response"].strip()
                 else (0.0 if cons else None)
             )
-            rows.append({"id": sample["id"], "reward": reward, "constraint_fraction": fraction})
+            rows.append(
+                {"id": sample["id"], "reward": reward, "constraint_fraction": fraction, **scorer_settings}
+            )
         scores.append(rows)
         score_of = {r["id"]: r for r in scores.records}
 
     pairs, skipped = [], Counter({reason: 0 for reason in SKIP_REASONS})
     grouped: dict[str, list[dict[str, Any]]] = {pid: [] for pid in by_prompt}
     for sample in all_samples:
-        if sample["prompt_id"] in grouped:
+        if sample["prompt_id"] in grouped:  # always: samples were filtered to this sweep's requests
             s = score_of[sample["id"]]
             grouped[sample["prompt_id"]].append(
                 {
@@ -297,7 +309,3 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
     }
     write_json(paths.file("preferences_summary.json"), summary)
     return summary
-
-
-def load_heldout_ids(path: str | Path) -> set[str]:
-    return {r["id"] for r in read_jsonl(path, required=("id",))}

@@ -1,28 +1,209 @@
-"""Tables and figures for the analysis notebooks, and the reports' index page."""
+"""Tables and figures for the analysis notebooks, and the reports' index page.
+
+Every table says where its numbers come from (a `source` caption); every figure has a title, axis
+labels and units. Numbers are read from the run's own files: the ledger, funnel.json, metrics.json
+and eval/summary.json.
+"""
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Any
 
-from .ledger import now_iso
-from .store import RunPaths
+from .ledger import now_iso, read_ledger
+from .store import RunPaths, read_json, read_jsonl
+
+METHOD_STEPS = {"sft_lora": "05_sft_lora", "prompt_tuning": "05b_prompt_tuning", "dpo": "06_dpo"}
+METHOD_LABELS = {
+    "base": "base model",
+    "sft_lora": "LoRA SFT",
+    "prompt_tuning": "prompt tuning",
+    "dpo": "DPO (on SFT)",
+}
+# The seed project's reported A100 figures, shown beside ours and labelled as the seed's.
+SEED_REPORTED = [
+    {"step": "05_sft_lora", "minutes": 8.2, "device": "A100 (Colab)", "source": "seed project, reported"},
+    {
+        "step": "05b_prompt_tuning",
+        "minutes": 18.8,
+        "device": "A100 (Colab)",
+        "source": "seed project, reported",
+    },
+]
+SEED_COMPUTE_UNITS = 2.41
 
 
-def write_index(reports_dir: Path, paths: RunPaths, profile: str, pages: list[str]) -> Path:
-    """index.html linking the rendered reports, saying which run, profile and date they describe."""
-    items = "\n".join(f'<li><a href="{html.escape(p)}">{html.escape(Path(p).stem)}</a></li>' for p in pages)
-    body = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>Synthetic Instruction Tuner reports</title>"
-        "</head><body>"
-        f"<h1>Synthetic Instruction Tuner — {html.escape(profile)} profile</h1>"
-        f"<p>Run directory: <code>{html.escape(str(paths.root))}</code><br>Rendered: {now_iso()}</p>"
-        f"<ul>{items}</ul></body></html>"
+def _caption(frame: Any, text: str) -> Any:
+    """A pandas Styler with a caption naming the source of the numbers (rendered above the table)."""
+    return frame.style.set_caption(text).format(precision=3, na_rep="–", thousands=",").hide(axis="index")
+
+
+def ledger_frame(paths: RunPaths) -> Any:
+    """One row per step: its latest successful run (seconds, memory, device, compute units)."""
+    import pandas as pd
+
+    rows = [r for r in read_ledger(paths.ledger) if r["status"] == "ok"]
+    if not rows:
+        return pd.DataFrame(
+            columns=["step", "seconds", "minutes", "peak_rss_mb", "peak_gpu_mb", "device", "compute_units"]
+        )
+    frame = pd.DataFrame(rows).sort_values("start").groupby("step", as_index=False).last()
+    frame["minutes"] = frame["seconds"] / 60
+    columns = [
+        "step",
+        "seconds",
+        "minutes",
+        "peak_rss_mb",
+        "peak_gpu_mb",
+        "device",
+        "compute_units",
+        "start",
+        "run_id",
+    ]
+    return frame.sort_values("step")[columns].reset_index(drop=True)
+
+
+def step_costs_table(paths: RunPaths) -> Any:
+    import pandas as pd
+
+    frame = ledger_frame(paths)
+    total = pd.DataFrame(
+        [
+            {
+                "step": "total",
+                "seconds": frame["seconds"].sum(),
+                "minutes": frame["minutes"].sum(),
+                "peak_rss_mb": frame["peak_rss_mb"].max(),
+                "peak_gpu_mb": frame["peak_gpu_mb"].max(),
+                "device": "",
+                "compute_units": frame["compute_units"].sum(),
+            }
+        ]
     )
-    target = reports_dir / "index.html"
-    target.write_text(body, encoding="utf-8")
-    return target
+    table = pd.concat([frame.drop(columns=["start", "run_id"]), total], ignore_index=True)
+    return _caption(
+        table,
+        f"Source: {paths.ledger} (latest successful run of each step; peak memory of the step's kernel)",
+    )
+
+
+def profile_totals_table(runs_root: Path) -> Any:
+    """Totals of every profile run found under runs/ (one ledger per run directory)."""
+    import pandas as pd
+
+    rows = []
+    for ledger in sorted(Path(runs_root).glob("*/ledger.jsonl")):
+        frame = ledger_frame(RunPaths(ledger.parent))
+        if len(frame):
+            rows.append(
+                {
+                    "run directory": ledger.parent.name,
+                    "steps": len(frame),
+                    "minutes": frame["minutes"].sum(),
+                    "compute_units": frame["compute_units"].sum(),
+                    "device": frame["device"].iloc[-1],
+                }
+            )
+    return _caption(pd.DataFrame(rows), f"Source: {runs_root}/*/ledger.jsonl")
+
+
+def seed_comparison_table(paths: RunPaths) -> Any:
+    """Our training-step minutes beside the seed's reported A100 figures."""
+    import pandas as pd
+
+    ours = ledger_frame(paths)
+    rows = []
+    for seed in SEED_REPORTED:
+        mine = ours[ours["step"] == seed["step"]]
+        rows.append(
+            {
+                "step": seed["step"],
+                "this run, minutes": float(mine["minutes"].iloc[0]) if len(mine) else None,
+                "this run, device": mine["device"].iloc[0] if len(mine) else "",
+                "seed (reported), minutes": seed["minutes"],
+                "seed device": seed["device"],
+            }
+        )
+    rows.append(
+        {
+            "step": "compute units, whole run",
+            "this run, minutes": float(ours["compute_units"].sum()),
+            "this run, device": "",
+            "seed (reported), minutes": SEED_COMPUTE_UNITS,
+            "seed device": "A100 (Colab)",
+        }
+    )
+    return _caption(
+        pd.DataFrame(rows),
+        "Sources: this run's ledger; the seed project's reported figures (labelled 'seed')",
+    )
+
+
+def step_time_figure(paths: RunPaths) -> Any:
+    import matplotlib.pyplot as plt
+
+    frame = ledger_frame(paths)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.barh(frame["step"], frame["minutes"], color="#4C72B0")
+    ax.invert_yaxis()
+    ax.set_xlabel("wall-clock time (minutes)")
+    ax.set_ylabel("pipeline step")
+    ax.set_title(f"Time per step ({frame['device'].iloc[-1] if len(frame) else 'no runs yet'})")
+    fig.tight_layout()
+    return fig
+
+
+def funnel_frame(paths: RunPaths) -> Any:
+    """Counts from the first Magpie sample to the last kept SFT row (step 03's funnel.json)."""
+    import pandas as pd
+
+    funnel = read_json(paths.file("funnel.json"))
+    gen = funnel["generation"]
+    rows = [
+        {"stage": "Magpie samples", "remaining": gen["magpie_samples"]},
+        {"stage": "instructions (sanitised, distinct)", "remaining": gen["instructions"]},
+        {"stage": "responses", "remaining": gen["responses"]},
+    ]
+    rows += [{"stage": f"after {s['stage']}", "remaining": s["remaining"]} for s in funnel["stages"]]
+    return pd.DataFrame(rows)
+
+
+def funnel_table(paths: RunPaths) -> Any:
+    import pandas as pd
+
+    funnel = read_json(paths.file("funnel.json"))
+    removed = pd.DataFrame([{"reason": k, "removed": v} for k, v in funnel["removed"].items()])
+    return (
+        _caption(funnel_frame(paths), f"Source: {paths.file('funnel.json')}"),
+        _caption(
+            removed, "Records removed per reason (each record counts once, for the first rule that fired)"
+        ),
+    )
+
+
+def funnel_figure(paths: RunPaths) -> Any:
+    import matplotlib.pyplot as plt
+
+    frame = funnel_frame(paths)
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.barh(frame["stage"], frame["remaining"], color="#55A868")
+    ax.invert_yaxis()
+    ax.set_xlabel("records (count)")
+    ax.set_ylabel("stage")
+    ax.set_title("Data funnel: from Magpie samples to the SFT set")
+    fig.tight_layout()
+    return fig
+
+
+def training_metrics(paths: RunPaths) -> dict[str, dict[str, Any]]:
+    out = {}
+    for method in METHOD_STEPS:
+        path = paths.adapters / method / "metrics.json"
+        if path.exists():
+            out[method] = json.loads(path.read_text())
+    return out
 
 
 def training_summary(metrics: dict) -> dict:
@@ -47,6 +228,67 @@ def training_summary(metrics: dict) -> dict:
     return {k: metrics[k] for k in keys if k in metrics}
 
 
+def cost_frame(paths: RunPaths) -> Any:
+    """Per method: trainable parameters, training time, compute units, eval loss."""
+    import pandas as pd
+
+    ledger = ledger_frame(paths).set_index("step")
+    trained = training_metrics(paths)
+    base_loss = trained.get("sft_lora", {}).get("base_eval_loss")
+    rows = [
+        {
+            "method": METHOD_LABELS["base"],
+            "trainable params": 0,
+            "training minutes": 0.0,
+            "compute units": 0.0,
+            "eval loss (SFT eval split)": base_loss,
+            "DPO reward accuracy (held-out pairs)": None,
+        }
+    ]
+    for method, step in METHOD_STEPS.items():
+        m = trained.get(method, {})
+        rows.append(
+            {
+                "method": METHOD_LABELS[method],
+                "trainable params": m.get("trainable_params"),
+                "training minutes": float(ledger.loc[step, "minutes"]) if step in ledger.index else None,
+                "compute units": float(ledger.loc[step, "compute_units"]) if step in ledger.index else None,
+                "eval loss (SFT eval split)": m.get("final_eval_loss") if method != "dpo" else None,
+                "DPO reward accuracy (held-out pairs)": m.get("eval_reward_accuracy"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def cost_table(paths: RunPaths) -> Any:
+    return _caption(
+        cost_frame(paths),
+        "Sources: adapters/*/metrics.json and the ledger (DPO's loss is a preference loss, not comparable)",
+    )
+
+
+def curves_figure(paths: RunPaths) -> Any:
+    import matplotlib.pyplot as plt
+
+    trained = training_metrics(paths)
+    fig, axes = plt.subplots(
+        1, max(1, len(trained)), figsize=(4.2 * max(1, len(trained)), 3.2), squeeze=False
+    )
+    for ax, (method, metrics) in zip(axes[0], trained.items(), strict=False):
+        train = metrics["curves"]["train"]
+        evaluation = metrics["curves"]["eval"]
+        ax.plot([p["step"] for p in train], [p["loss"] for p in train], label="train loss")
+        if evaluation:
+            ax.plot([p["step"] for p in evaluation], [p["loss"] for p in evaluation], "o-", label="eval loss")
+        ax.set_title(METHOD_LABELS[method])
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats per token)" if method != "dpo" else "DPO loss (nats)")
+        ax.legend()
+    fig.suptitle("Training curves")
+    fig.tight_layout()
+    return fig
+
+
 def metrics_frame(metrics: dict) -> Any:
     """Long table: method, task, metric, value and its interval (from eval/summary.json)."""
     import pandas as pd
@@ -58,3 +300,96 @@ def metrics_frame(metrics: dict) -> Any:
         for metric, values in by_metric.items()
     ]
     return pd.DataFrame(rows)
+
+
+def comparison_tables(paths: RunPaths) -> list[Any]:
+    """One table per task: a row per method, a column per metric, 'value [low, high]'."""
+    summary = read_json(paths.eval / "summary.json")
+    frame = metrics_frame(summary["metrics"])
+    frame["cell"] = frame.apply(lambda r: f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", axis=1)
+    tables = []
+    for task, part in frame.groupby("task", sort=True):
+        wide = part.pivot(index="method", columns="metric", values="cell")
+        wide = wide.reindex([m for m in METHOD_LABELS if m in wide.index])
+        wide.insert(0, "method", [METHOD_LABELS[m] for m in wide.index])
+        caption = (
+            f"{task} — {int(part['n'].max())} prompts; value [95% percentile-bootstrap interval over prompts, "
+            f"{summary['bootstrap_iters']} resamples]. Source: {paths.eval / 'summary.json'}"
+        )
+        tables.append(wide.reset_index(drop=True).style.set_caption(caption).hide(axis="index"))
+    return tables
+
+
+def metric_bars_figure(
+    paths: RunPaths, metrics: tuple[str, ...] = ("prompt_level_loose_acc", "inst_level_loose_acc")
+) -> Any:
+    import matplotlib.pyplot as plt
+
+    summary = read_json(paths.eval / "summary.json")
+    frame = metrics_frame(summary["metrics"])
+    frame = frame[frame["metric"].isin(metrics)]
+    panels = sorted(set(zip(frame["task"], frame["metric"], strict=True)))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.6 * max(1, len(panels)), 3.4), squeeze=False)
+    for ax, (task, metric) in zip(axes[0], panels, strict=False):
+        part = frame[(frame["task"] == task) & (frame["metric"] == metric)].set_index("method")
+        part = part.reindex([m for m in METHOD_LABELS if m in part.index])
+        errors = [part["value"] - part["ci_low"], part["ci_high"] - part["value"]]
+        ax.bar([METHOD_LABELS[m] for m in part.index], part["value"], yerr=errors, capsize=4, color="#C44E52")
+        ax.set_title(f"{task}\n{metric}", fontsize=9)
+        ax.set_ylabel("accuracy (fraction, 95% CI)")
+        ax.set_xlabel("method")
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle("Instruction following by method")
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(paths: RunPaths, task: str = "sit_heldout_ifeval", n: int = 3, width: int = 600) -> Any:
+    """A few held-out prompts with each method's answer (from lm-eval's per-sample logs)."""
+    import pandas as pd
+
+    answers: dict[int, dict[str, str]] = {}
+    prompts: dict[int, str] = {}
+    for method in METHOD_LABELS:
+        log = paths.eval / "samples" / method / f"{task}.jsonl"
+        if not log.exists():
+            continue
+        for row in read_jsonl(log, required=("doc_id", "doc")):
+            prompts[row["doc_id"]] = row["doc"].get("prompt", "")
+            response = row.get("filtered_resps", row.get("resps", [""]))
+            while isinstance(response, list):
+                response = response[0] if response else ""
+            answers.setdefault(row["doc_id"], {})[METHOD_LABELS[method]] = str(response)[:width]
+    rows = [{"prompt": prompts[i][:width], **answers[i]} for i in sorted(answers)[:n]]
+    return _caption(
+        pd.DataFrame(rows), f"Source: {paths.eval / 'samples'}/<method>/{task}.jsonl (greedy decoding)"
+    )
+
+
+def write_index(
+    reports_dir: Path, paths: RunPaths, profile: str, pages: list[str], models: dict[str, Any]
+) -> Path:
+    """index.html linking the rendered reports, saying which run, profile, models and date they describe."""
+    ledger = read_ledger(paths.ledger)
+    run_ids = sorted({r["run_id"] for r in ledger})
+    items = "\n".join(
+        f'<li><a href="{html.escape(p)}">{html.escape(Path(p).stem.replace("_", " "))}</a></li>'
+        for p in pages
+    )
+    model_rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(str(v))}</code></td></tr>"
+        for k, v in models.items()
+    )
+    body = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Synthetic Instruction Tuner reports</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}th{text-align:left;padding-right:1em}</style>"
+        "</head><body>"
+        f"<h1>Synthetic Instruction Tuner — {html.escape(profile)} profile</h1>"
+        f"<table><tr><th>run directory</th><td><code>{html.escape(str(paths.root))}</code></td></tr>"
+        f"<tr><th>runs in the ledger</th><td>{html.escape(', '.join(run_ids) or 'none')}</td></tr>"
+        f"{model_rows}<tr><th>rendered</th><td>{now_iso()}</td></tr></table>"
+        f"<h2>Reports</h2><ul>{items}</ul></body></html>"
+    )
+    target = reports_dir / "index.html"
+    target.write_text(body, encoding="utf-8")
+    return target

@@ -8,11 +8,17 @@ from typing import Any
 
 from .config import Config
 from .generation import Completion, GenerationEngine, Request, chat_prompt_ids
-from .store import JsonlAppender, read_jsonl
+from .store import JsonlAppender, check_resumable, read_jsonl
 
 
 def user_turn(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
+
+
+def generation_messages(text: str, system_prompt: str | None) -> list[dict[str, str]]:
+    """The conversation the generator answers; the system turn steers generation only and is not
+    part of the training data."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + user_turn(text)
 
 
 def generate_responses(
@@ -21,10 +27,23 @@ def generate_responses(
     """Answer every instruction not yet answered in `out_path`; appends as batches finish."""
     instructions = read_jsonl(instructions_path, required=("id", "instruction"))
     sampling = cfg.responses.sampling
+    settings = {
+        "generator": cfg.models.generator,
+        "sampling": asdict(sampling),
+        "system_prompt": cfg.responses.system_prompt,
+    }
     with JsonlAppender(out_path, required=("instruction", "response")) as out:
+        check_resumable(out, settings)
         todo = [r for r in instructions if r["id"] not in out]
         requests = [
-            Request(r["id"], chat_prompt_ids(engine.tokenizer, user_turn(r["instruction"])), sampling, r)
+            Request(
+                r["id"],
+                chat_prompt_ids(
+                    engine.tokenizer, generation_messages(r["instruction"], cfg.responses.system_prompt)
+                ),
+                sampling,
+                r,
+            )
             for r in todo
         ]
 
@@ -36,8 +55,7 @@ def generate_responses(
                     "response": completion.text.strip(),
                     "finish_reason": completion.finish_reason,
                     "num_tokens": len(completion.token_ids),
-                    "generator": cfg.models.generator,
-                    "sampling": asdict(sampling),
+                    **settings,
                     "seed": completion.seed,
                 }
                 for request, completion in batch

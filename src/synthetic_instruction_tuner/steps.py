@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ class Step:
     inputs: tuple[str, ...]  # artifacts, relative to the run directory
     outputs: tuple[str, ...]
     check: Callable[[Config, RunPaths], bool] | None = None  # content check beyond existence
+    scratch: tuple[str, ...] = ()  # resumable state (checkpoints, partial results) that --force also clears
 
     @property
     def path(self) -> Path:
@@ -62,25 +64,34 @@ PIPELINE: tuple[Step, ...] = (
         "04_build_preferences",
         "pipeline/04_build_preferences.py",
         ("data/sft.jsonl",),
-        ("data/heldout.jsonl", "data/preferences.jsonl", "data/preferences_summary.json"),
+        (
+            "data/heldout.jsonl",
+            "data/preference_samples.jsonl",
+            "data/preference_scores.jsonl",
+            "data/preferences.jsonl",
+            "data/preferences_summary.json",
+        ),
     ),
     Step(
         "05_sft_lora",
         "pipeline/05_sft_lora.py",
         ("data/sft.jsonl", "data/heldout.jsonl"),
         ("adapters/sft_lora/metrics.json",),
+        scratch=("adapters/sft_lora",),
     ),
     Step(
         "05b_prompt_tuning",
         "pipeline/05b_prompt_tuning.py",
         ("data/sft.jsonl", "data/heldout.jsonl"),
         ("adapters/prompt_tuning/metrics.json",),
+        scratch=("adapters/prompt_tuning",),
     ),
     Step(
         "06_dpo",
         "pipeline/06_dpo.py",
         ("data/preferences.jsonl", "adapters/sft_lora/metrics.json"),
         ("adapters/dpo/metrics.json",),
+        scratch=("adapters/dpo",),
     ),
     Step(
         "07_evaluate",
@@ -92,6 +103,7 @@ PIPELINE: tuple[Step, ...] = (
             "adapters/dpo/metrics.json",
         ),
         ("eval/summary.json",),
+        scratch=("eval",),
     ),
 )
 
@@ -128,6 +140,8 @@ def start_step(
     profile: str, run_dir: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> StepContext:
     """Build the config, create the run directory, seed every RNG and pick the device."""
+    # tqdm.auto asks for ipywidgets in a kernel; its plain-text bars are what we want in notebooks and logs
+    warnings.filterwarnings("ignore", message="IProgress not found")
     from transformers import set_seed
 
     from .models import resolve_device

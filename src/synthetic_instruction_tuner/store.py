@@ -203,3 +203,19 @@ def count_jsonl(path: str | Path) -> int:
         return 0
     with open(path, "rb") as fh:
         return sum(1 for line in fh if line.endswith(b"\n") and line.strip())
+
+
+def check_resumable(appender: JsonlAppender, expected: dict[str, Any]) -> None:
+    """Refuse to resume a file whose records were generated with other settings.
+
+    Mixing records from two configurations would silently corrupt the data set; the user decides
+    whether to regenerate (`--force`) or to put the old settings back.
+    """
+    expected = json.loads(json.dumps(expected))  # compare in JSON terms (tuples become lists)
+    for lineno, record in enumerate(appender.records, start=1):
+        for key, value in expected.items():
+            if record.get(key) != value:
+                raise DataError(
+                    f"{appender.path}:{lineno}: {key} {record.get(key)!r} differs from this run's {value!r}; "
+                    "rerun the step with --force to regenerate it, or restore the earlier settings"
+                )

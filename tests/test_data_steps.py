@@ -1,0 +1,175 @@
+"""Steps 02-04 on the smoke profile: responses, filtering, preference pairs."""
+
+import json
+
+import pytest
+from conftest import kill_when, run_cli
+
+from synthetic_instruction_tuner.config import load_config
+from synthetic_instruction_tuner.preferences import SKIP_REASONS, combined_score, select_pair, split_heldout
+from synthetic_instruction_tuner.store import read_jsonl, run_paths
+from synthetic_instruction_tuner.training import sft_splits
+
+
+def test_responses_cover_every_instruction(smoke_run):
+    run, _ = smoke_run
+    instructions = read_jsonl(run / "data/instructions.jsonl")
+    responses = read_jsonl(run / "data/responses.jsonl")
+    assert [r["id"] for r in responses] and {r["id"] for r in responses} == {r["id"] for r in instructions}
+    assert all(r["finish_reason"] in ("stop", "length") for r in responses)
+    assert {"instruction", "response", "num_tokens", "generator", "sampling", "seed"} <= set(responses[0])
+
+
+def test_funnel_is_consistent_with_the_files(smoke_run):
+    run, _ = smoke_run
+    funnel = json.loads((run / "data/funnel.json").read_text())
+    sft = read_jsonl(run / "data/sft.jsonl")
+    removed = read_jsonl(run / "data/filtered_out.jsonl", required=("id", "reason"))
+    assert funnel["kept"] == len(sft) == 16  # the smoke profile's sft_target
+    assert funnel["input"] == len(read_jsonl(run / "data/responses.jsonl")) == len(sft) + len(removed)
+    assert sum(funnel["removed"].values()) == len(removed)
+    assert funnel["generation"]["instructions"] == len(read_jsonl(run / "data/instructions.jsonl"))
+    assert sft[0]["messages"][0]["role"] == "user" and sft[0]["messages"][1]["role"] == "assistant"
+
+
+def test_preferences_are_trl_conversational_with_their_scores(smoke_run):
+    run, _ = smoke_run
+    pairs = read_jsonl(run / "data/preferences.jsonl")
+    summary = json.loads((run / "data/preferences_summary.json").read_text())
+    assert len(pairs) == summary["pairs"] > 0
+    assert summary["pairs"] + sum(summary["skipped"].values()) == summary["preference_prompts"]
+    for pair in pairs:
+        assert pair["prompt"][0]["role"] == "user" and pair["chosen"][0]["role"] == "assistant"
+        assert pair["rejected"][0]["role"] == "assistant"
+        assert pair["score_chosen"] > pair["score_rejected"] and pair["margin"] > 0
+        assert pair["scorer"] == "both"
+        assert pair["temperature_chosen"] in summary["temperatures"]
+
+
+def test_heldout_prompts_are_never_trained_on(smoke_run):
+    run, _ = smoke_run
+    paths = run_paths(run)
+    cfg = load_config("smoke")
+    heldout = {r["id"] for r in read_jsonl(run / "data/heldout.jsonl")}
+    assert len(heldout) == cfg.counts.heldout_prompts
+    train, evaluation = sft_splits(paths, cfg)
+    assert heldout.isdisjoint(train["id"]) and heldout.isdisjoint(evaluation["id"])
+    assert heldout.isdisjoint(p["id"] for p in read_jsonl(run / "data/preferences.jsonl"))
+    heldout_rows = read_jsonl(run / "data/heldout.jsonl")
+    assert all({"key", "prompt", "instruction_id_list", "kwargs", "response"} <= set(r) for r in heldout_rows)
+    assert all(r["instruction_id_list"] for r in heldout_rows)  # every held-out prompt carries constraints
+
+
+def test_heldout_split_is_seeded():
+    rows = [{"id": str(i)} for i in range(20)]
+    a, rest = split_heldout(rows, 5, seed=1)
+    assert split_heldout(rows, 5, seed=1)[0] == a != split_heldout(rows, 5, seed=2)[0]
+    assert len(a) == 5 and len(rest) == 15 and {r["id"] for r in a}.isdisjoint(r["id"] for r in rest)
+
+
+def _samples(*scores, finish="stop"):
+    return [
+        {"id": f"s{i}", "response": f"answer {i}", "score": s, "finish_reason": finish, "temperature": t}
+        for i, (s, t) in enumerate(zip(scores, (0.6, 0.9, 1.2, 1.5), strict=False))
+    ]
+
+
+def test_pair_selection_ties_margins_and_order():
+    pair, reason = select_pair(_samples(0.2, 0.9, 0.5), min_margin=0.3)
+    assert reason is None and pair["chosen"]["score"] == 0.9 and pair["rejected"]["score"] == 0.2
+    assert pair["margin"] == pytest.approx(0.7)
+    assert select_pair(_samples(0.5, 0.5, 0.5), min_margin=0.0) == (None, "tie")
+    assert select_pair(_samples(0.5, 0.6), min_margin=0.3) == (None, "small_margin")
+    assert select_pair(_samples(0.5), min_margin=0.0) == (None, "too_few_samples")
+    assert select_pair(_samples(None, 0.5), min_margin=0.0) == (None, "unscored")
+    assert set(SKIP_REASONS) == {"tie", "small_margin", "unscored", "too_few_samples"}
+    # equal best scores: the one that ended on its own, at the lower temperature, is chosen
+    tied = _samples(1.0, 1.0, 0.0)
+    tied[0]["finish_reason"] = "length"
+    assert select_pair(tied, 0.0)[0]["chosen"]["id"] == "s1"
+
+
+def test_combined_scores():
+    assert combined_score("constraints", None, 0.5, 0.5) == 0.5
+    assert combined_score("reward_model", 2.0, None, 0.5) == 2.0
+    assert combined_score("both", 0.0, 1.0, 0.5) == pytest.approx(0.75)  # 0.5 * sigmoid(0) + 0.5 * 1
+    assert combined_score("both", 0.0, None, 0.5) == pytest.approx(0.5)  # no constraints: sigmoid(reward)
+    assert combined_score("reward_model", None, None, 0.5) is None
+
+
+def test_reward_model_scores_question_answer_pairs():
+    from synthetic_instruction_tuner.preferences import RewardScorer
+
+    scorer = RewardScorer("tiny:reward-model", "float32", "cpu", batch_size=2)
+    pairs = [
+        ("What is 2+2?", "4"),
+        ("Name a colour.", "Blue, like the sky on a clear day."),
+        ("Hi", "Hello!"),
+    ]
+    scores = scorer.score(pairs)
+    assert len(scores) == 3 and len(set(scores)) == 3
+    assert scorer.score(list(reversed(pairs))) == pytest.approx(list(reversed(scores)), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("step", "upstream", "output", "count_key"),
+    [
+        ("02", "instructions.jsonl", "responses.jsonl", "instructions"),
+        ("04", "sft.jsonl", "preference_samples.jsonl", None),
+    ],
+)
+def test_kill_during_a_generation_step_then_rerun_loses_and_duplicates_nothing(
+    tmp_path, step, upstream, output, count_key
+):
+    run = tmp_path / "run"
+    base = [
+        "--profile",
+        "smoke",
+        "--run-dir",
+        str(run),
+        "--set",
+        "engine.batch_size=2",
+        "--set",
+        "counts.instructions=120",
+        "--set",
+        "counts.sft_target=100",
+        "--set",
+        "counts.preference_prompts=90",
+    ]
+    earlier = {"02": "01", "04": "01,02,03"}[step]
+    assert run_cli([*base, "--steps", earlier]).returncode == 0
+    out = run / "data" / output
+    kill_when([*base, "--steps", step], out, min_lines=20)
+    before = [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
+    assert len(before) >= 20
+    result = run_cli([*base, "--steps", step])
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = read_jsonl(out)
+    assert after[: len(before)] == before
+    assert len({r["id"] for r in after}) == len(after)
+    if count_key:
+        assert len(after) == 120
+    else:
+        summary = json.loads((run / "data" / "preferences_summary.json").read_text())
+        assert len(after) == summary["preference_prompts"] * len(
+            load_config("smoke").preferences.temperatures
+        )
+
+
+def test_corrupt_upstream_line_stops_the_step_and_overwrites_nothing(smoke_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run[0] / "data", run / "data")
+    responses = run / "data" / "responses.jsonl"
+    lines = responses.read_text().splitlines(keepends=True)
+    lines[3] = lines[3][:40] + "\n"
+    responses.write_text("".join(lines))
+    sft_before = (run / "data" / "sft.jsonl").read_text()
+    result = run_cli(
+        ["--profile", "smoke", "--run-dir", str(run), "--steps", "03"]
+    )  # stale: its input changed
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "step 03_filter failed" in line and "responses.jsonl:4: invalid JSON" in line
+    assert (run / "data" / "sft.jsonl").read_text() == sft_before

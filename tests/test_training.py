@@ -1,0 +1,192 @@
+"""Steps 05, 05b, 06 on the smoke profile: chat format, adapters, metrics, resume, stopping."""
+
+import json
+import shutil
+
+import pytest
+from conftest import kill_when, run_cli, template_tokenizer
+
+from synthetic_instruction_tuner.config import load_config
+from synthetic_instruction_tuner.generation import GenerationEngine, Request, chat_prompt_ids
+from synthetic_instruction_tuner.store import run_paths, write_jsonl
+from synthetic_instruction_tuner.training import load_for_generation, with_chat_format
+
+MESSAGES = [
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "end_of_turn"),
+    [("gemma", "<end_of_turn>"), ("llama3", "<|eot_id|>"), ("qwen2_5", "<|im_end|>")],
+)
+def test_base_tokenizer_gets_a_loss_marked_chat_format(family, end_of_turn):
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    tokenizer = template_tokenizer(family)
+    tokenizer.chat_template = None  # a base model's tokenizer
+    tokenizer = with_chat_format(tokenizer)
+    assert tokenizer.eos_token == end_of_turn
+    out = tokenizer.apply_chat_template(
+        MESSAGES, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    trained = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert (
+        tokenizer.decode(trained) == "Hello! How can I help?" + end_of_turn
+    )  # the answer and its end, nothing else
+    assert is_chat_template_stop_token_trained(tokenizer)
+    prompt = tokenizer.apply_chat_template(MESSAGES[:1], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(MESSAGES, tokenize=False).startswith(prompt)
+
+
+def test_each_method_writes_adapter_and_metrics(smoke_run):
+    run, _ = smoke_run
+    for method, trainable in (("sft_lora", 16384), ("prompt_tuning", 4 * 64), ("dpo", 16384)):
+        folder = run / "adapters" / method
+        assert (folder / "adapter_config.json").exists() and (folder / "adapter_model.safetensors").exists()
+        assert (folder / "chat_template.jinja").exists() or "chat_template" in (
+            folder / "tokenizer_config.json"
+        ).read_text()
+        metrics = json.loads((folder / "metrics.json").read_text())
+        # LoRA r=8 on q/k/v/o/gate/up/down of a 2-layer, 64-wide model; prompt tuning: 4 virtual tokens x 64
+        assert metrics["trainable_params"] == trainable
+        assert metrics["total_params"] > metrics["trainable_params"]
+        assert metrics["curves"]["train"] and metrics["curves"]["eval"]
+        for key in ("final_eval_loss", "runtime_s", "train_samples_per_second", "peak_rss_mb", "device"):
+            assert metrics[key] is not None, key
+    sft = json.loads((run / "adapters/sft_lora/metrics.json").read_text())
+    assert sft["base_eval_loss"] > 0 and sft["global_step"] == load_config("smoke").sft.max_steps
+    dpo = json.loads((run / "adapters/dpo/metrics.json").read_text())
+    assert 0.0 <= dpo["eval_reward_accuracy"] <= 1.0 and "eval_reward_margin" in dpo
+
+
+@pytest.mark.parametrize("method", ["base", "sft_lora", "prompt_tuning", "dpo"])
+def test_every_method_loads_back_for_generation(smoke_run, method):
+    run, _ = smoke_run
+    cfg = load_config("smoke")
+    model, tokenizer = load_for_generation(cfg, run_paths(run), method, "cpu")
+    engine = GenerationEngine(model, tokenizer, batch_size=2, show_progress=False)
+    sampling = cfg.responses.sampling
+    requests = [
+        Request(f"r{i}", chat_prompt_ids(tokenizer, [{"role": "user", "content": t}]), sampling)
+        for i, t in enumerate(["Name a fruit.", "Say hi."])
+    ]
+    done = list(engine.stream(requests))
+    assert sum(len(batch) for batch in done) == 2
+
+
+def test_kill_during_sft_resumes_from_the_last_checkpoint(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run[0] / "data", run / "data")
+    args = [
+        "--profile",
+        "smoke",
+        "--run-dir",
+        str(run),
+        "--steps",
+        "05",
+        "--set",
+        "sft.max_steps=24",
+        "--set",
+        "sft.save_steps=4",
+        "--set",
+        "sft.per_device_train_batch_size=1",
+    ]
+    kill_when(args, run / "adapters/sft_lora/checkpoints/checkpoint-8", timeout=600)
+    assert not (run / "adapters/sft_lora/metrics.json").exists()
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((run / "adapters/sft_lora/metrics.json").read_text())
+    resumed = metrics["resumed_from_checkpoint"]
+    assert resumed is not None and int(resumed.split("-")[1]) >= 8  # not from scratch
+    assert metrics["global_step"] == 24
+
+
+def test_tuned_model_learns_to_stop_at_the_end_of_turn(tmp_path):
+    """SFT on answers that all end right away: the tuned model must emit the end-of-turn token itself."""
+    run = run_paths(tmp_path / "run")
+    rows = [
+        {
+            "id": f"r{i}",
+            "instruction": f"Question number {i}?",
+            "response": "Fine.",
+            "messages": [
+                {"role": "user", "content": f"Question number {i}?"},
+                {"role": "assistant", "content": "Fine."},
+            ],
+        }
+        for i in range(24)
+    ]
+    write_jsonl(run.file("sft.jsonl"), rows)
+    write_jsonl(run.file("heldout.jsonl"), [{"id": "r0"}])
+    overrides = [
+        "sft.max_steps=60",
+        "sft.learning_rate=0.01",
+        "sft.warmup_ratio=0.0",
+        "sft.save_steps=1000",
+        "sft.per_device_train_batch_size=8",
+    ]
+    result = run_cli(
+        [
+            "--profile",
+            "smoke",
+            "--run-dir",
+            str(run.root),
+            "--steps",
+            "05",
+            *[a for o in overrides for a in ("--set", o)],
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = load_config("smoke", overrides)
+    model, tokenizer = load_for_generation(cfg, run, "sft_lora", "cpu")
+    engine = GenerationEngine(model, tokenizer, batch_size=4, show_progress=False)
+    greedy = cfg.responses.sampling.__class__(temperature=0.0, max_new_tokens=12)
+    requests = [
+        Request(
+            f"q{i}",
+            chat_prompt_ids(tokenizer, [{"role": "user", "content": f"Question number {i}?"}]),
+            greedy,
+        )
+        for i in range(100, 104)
+    ]
+    completions = [c for batch in engine.stream(requests) for _, c in batch]
+    assert all(c.finish_reason == "stop" for c in completions)
+    assert all(c.text.strip() == "Fine." for c in completions)
+
+
+def test_packed_batches_and_the_dense_lm_head_match_trls_padded_fused_loss(smoke_run, tmp_path):
+    """Packing a batch into one row must not let examples attend to each other, and the dense LM head
+    must give TRL's fused loss: the same number, four ways."""
+    from trl import SFTTrainer
+
+    from synthetic_instruction_tuner.models import resolve_model
+    from synthetic_instruction_tuner.training import (
+        chat_tokenizer,
+        load_target,
+        lora_config,
+        sft_config,
+        sft_splits,
+        use_dense_lm_head,
+    )
+
+    run = run_paths(smoke_run[0])
+    losses = {}
+    for packed in (False, True):
+        for fused in (False, True):
+            cfg = load_config("smoke", [f"sft.padding_free={str(packed).lower()}", "sft.max_length=null"])
+            train, _ = sft_splits(run, cfg)
+            trainer = SFTTrainer(
+                model=load_target(cfg, "cpu"),
+                args=sft_config(cfg, tmp_path / f"{packed}{fused}", "cpu"),
+                train_dataset=train.remove_columns("id"),
+                eval_dataset=train.remove_columns("id"),
+                processing_class=chat_tokenizer(resolve_model(cfg.models.target).path),
+                peft_config=lora_config(cfg),
+            )
+            if not fused:
+                use_dense_lm_head(trainer)
+            losses[packed, fused] = trainer.evaluate()["eval_loss"]
+    reference = losses[False, True]  # TRL's default: padded batches, fused LM head
+    assert all(value == pytest.approx(reference, rel=1e-4) for value in losses.values()), losses
