@@ -28,6 +28,8 @@ run: $(STAMP)
 	$(PY) run_all.py --profile $(PROFILE) $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: $(STAMP)

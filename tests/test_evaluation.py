@@ -106,8 +106,9 @@ def test_reports_are_built_with_tables_and_figures(smoke_run):
     for page, tables, images in ((costs, 3, 1), (comparison, 6, 3)):
         assert len(re.findall(r"<table", page)) >= tables
         assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', page)) >= images
-        assert "jp-InputArea" not in page and "start_step(" not in page  # no code cells
-        assert "Traceback" not in page and "Error" not in page
+        body = page.rsplit("</style>", 1)[-1]  # the stylesheet names every cell kind
+        assert "jp-CodeMirrorEditor" not in body and "start_step(" not in body  # no code cells
+        assert "application/vnd.jupyter.stderr" not in body and "Traceback" not in body
     assert "seed (reported)" in costs and "05_sft_lora" in costs
     for label in ("base model", "LoRA SFT", "prompt tuning", "DPO (on SFT)"):
         assert label in comparison

@@ -256,6 +256,11 @@ def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
         return _check_partial(value, tp, source, prefix=f"{key}.")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(
             f"{source}: key '{key}' expects {tp.__name__}, got {type(value).__name__} {value!r}"

@@ -161,6 +161,8 @@ class GenerationEngine:
         self.seed = seed
         self.show_progress = show_progress
         self.static_cache_max_new_tokens = static_cache_max_new_tokens
+        peft_config = getattr(model, "active_peft_config", None)
+        self._prompt_learning = bool(getattr(peft_config, "is_prompt_learning", False))
         self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.stats = EngineStats(batch_size=batch_size)
@@ -182,8 +184,9 @@ class GenerationEngine:
             "stopping_criteria": [deadline],
             # A preallocated cache saves the default cache's per-step concatenation (a fifth of CPU decode
             # time on short generations) but attends over its whole length, which loses on long ones.
+            # PEFT's prompt learning prepends virtual tokens the static cache is not sized for.
             "cache_implementation": "static"
-            if sampling.max_new_tokens <= self.static_cache_max_new_tokens
+            if sampling.max_new_tokens <= self.static_cache_max_new_tokens and not self._prompt_learning
             else None,
         }
         if sampling.temperature <= 0:

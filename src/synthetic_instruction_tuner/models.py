@@ -79,8 +79,14 @@ def hub_token() -> str | None:
         return None
 
 
+# Bumped whenever a builder changes what it writes, so that a cache from an older version is not reused.
+_BUILD_VERSION = {"tiny": "v2"}
+
+
 def _slug(ref: str) -> str:
-    return ref.replace(":", "--").replace("/", "--")
+    kind = ref.partition(":")[0]
+    slug = ref.replace(":", "--").replace("/", "--")
+    return f"{slug}--{_BUILD_VERSION[kind]}" if kind in _BUILD_VERSION else slug
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -190,7 +196,9 @@ def _build_tiny(name: str, final: Path, seed: int = 0) -> None:
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            # SmolLM2 pads with <|im_end|>; as the embedding's padding_idx its (tied) row would stay zero
+            # and the model could never learn to end a turn. <|endoftext|> is never a training target.
+            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         )
         model: Any = LlamaForCausalLM(config)
         if name == "base-lm":
