@@ -151,6 +151,7 @@ def _sft_worker(
         "config": which,
         "gradient_checkpointing": args.gradient_checkpointing,
         "padding_free": args.padding_free,
+        "sampling": str(getattr(args, "train_sampling_strategy", "random")),
         "dense_lm_head": which == "ours" and cfg.hardware.dense_lm_head,
         "optim": str(args.optim),
         "max_length": args.max_length,
@@ -161,44 +162,44 @@ def _sft_worker(
     }
 
 
-def bench_sft(profile: str, overrides: list[str], run_dir: str | None, steps: int) -> dict[str, Any]:
+def bench_sft(
+    profile: str, overrides: list[str], run_dir: str | None, steps: int, variant: list[str] | None = None
+) -> dict[str, Any]:
+    """TRL's defaults vs the profile's SFT setup (and optionally the setup with `variant` settings on top),
+    same data and steps, each trained in its own process so that peak memory is its own."""
     import json
     import subprocess
 
-    results = {}
-    for which in ("trl", "ours"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "synthetic_instruction_tuner.bench",
-            "_sft_worker",
-            "--profile",
-            profile,
-            "--which",
-            which,
-            "--steps",
-            str(steps),
-        ]
-        cmd += [a for o in overrides for a in ("--set", o)] + (["--run-dir", run_dir] if run_dir else [])
-        print(f"training {steps} steps with the {which} configuration ...", flush=True)
+    configs = [("trl", "trl", overrides), ("ours", "ours", overrides)]
+    if variant:
+        configs.append(("ours+" + ",".join(variant), "ours", overrides + variant))
+    results: dict[str, Any] = {}
+    for label, which, sets in configs:
+        cmd = [sys.executable, "-m", "synthetic_instruction_tuner.bench", "_sft_worker", "--profile", profile]
+        cmd += ["--which", which, "--steps", str(steps)]
+        cmd += [a for o in sets for a in ("--set", o)] + (["--run-dir", run_dir] if run_dir else [])
+        print(f"training {steps} steps with the {label} configuration ...", flush=True)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise PipelineError(
-                f"sft benchmark worker ({which}) failed: {done.stderr.strip().splitlines()[-1]}"
+                f"sft benchmark worker ({label}) failed: {done.stderr.strip().splitlines()[-1]}"
             )
-        results[which] = json.loads(done.stdout.strip().splitlines()[-1])
-    trl, ours = results["trl"], results["ours"]
-    for row in (trl, ours):
+        results[label] = {**json.loads(done.stdout.strip().splitlines()[-1]), "config": label}
+    trl = results["trl"]
+    for row in results.values():
         print(
-            f"{row['config']:>4}: {row['samples_per_second']:6.2f} samples/s  peak RSS {row['peak_rss_mb']:7.0f} MB  "
+            f"{row['config']}: {row['samples_per_second']:6.2f} samples/s  peak RSS {row['peak_rss_mb']:7.0f} MB  "
             f"eval loss {row['eval_loss']:.4f}  (gradient checkpointing {row['gradient_checkpointing']}, padding-free "
-            f"{row['padding_free']}, dense LM head {row['dense_lm_head']}, optim {row['optim']})"
+            f"{row['padding_free']}, sampling {row['sampling']}, dense LM head {row['dense_lm_head']}, "
+            f"optim {row['optim']})"
         )
-    print(
-        f"ours / TRL defaults: speed {ours['samples_per_second'] / trl['samples_per_second']:.2f}x, "
-        f"peak memory {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x, "
-        f"eval loss {ours['eval_loss'] / trl['eval_loss']:.3f}x"
-    )
+    for label, row in results.items():
+        if label != "trl":
+            print(
+                f"{label} / TRL defaults: speed {row['samples_per_second'] / trl['samples_per_second']:.2f}x, "
+                f"peak memory {row['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x, "
+                f"eval loss {row['eval_loss'] / trl['eval_loss']:.3f}x"
+            )
     return results
 
 
@@ -219,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
             "--run-dir", default=None, help="a run whose steps 03-04 are done (default: runs/<profile>)"
         )
         sft.add_argument("--steps", type=int, default=12)
+        sft.add_argument(
+            "--variant",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="also train the project's setup with these settings on top (a third configuration)",
+        )
         if name == "_sft_worker":
             sft.add_argument("--which", choices=("ours", "trl"), required=True)
     args = parser.parse_args(argv)
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "generation":
             bench_generation(args.profile, args.overrides, args.num_outputs)
         elif args.what == "sft":
-            bench_sft(args.profile, args.overrides, args.run_dir, args.steps)
+            bench_sft(args.profile, args.overrides, args.run_dir, args.steps, args.variant)
         elif args.what == "_sft_worker":
             import json
 
