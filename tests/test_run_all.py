@@ -1,15 +1,12 @@
 """The orchestrator as a user drives it: subprocesses, kills, bad input, secrets."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, kill_when, run_cli
 
 from synthetic_instruction_tuner.store import read_jsonl
 
@@ -58,18 +55,7 @@ def test_sigkill_during_step_01_then_rerun_keeps_everything_once(tmp_path):
         "--set",
         "engine.batch_size=4",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "run_all.py"), *args],
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 40):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and its kernel, as a kill of the job would
-    proc.wait()
+    kill_when(args, out, min_lines=40, timeout=240)
     before = out.read_text()
     kept_before = [json.loads(line) for line in before.splitlines() if line.endswith("}")]
     assert 40 <= len(kept_before) < 600
