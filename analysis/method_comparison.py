@@ -40,6 +40,14 @@ display(*reporting.comparison_tables(ctx.paths))
 fig = reporting.metric_bars_figure(ctx.paths)
 
 # %% [markdown]
+# ## Do the tuned models stop on their own?
+#
+# The chat format trains every method to end its answer with EOS; a base model rarely does.
+
+# %%
+reporting.endings_table(ctx.paths)
+
+# %% [markdown]
 # ## Cost of each method
 
 # %%

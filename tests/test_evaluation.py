@@ -5,7 +5,13 @@ import re
 
 import pytest
 
-from synthetic_instruction_tuner.evaluation import METHODS, aggregate, bootstrap_ci, ifbench_data
+from synthetic_instruction_tuner.evaluation import (
+    METHODS,
+    aggregate,
+    bootstrap_ci,
+    count_endings,
+    ifbench_data,
+)
 from synthetic_instruction_tuner.store import read_jsonl
 
 LOCAL_TASKS = ("sit_ifbench", "sit_heldout_ifeval", "sit_heldout_ppl")
@@ -96,6 +102,26 @@ def test_summary_has_every_metric_with_an_interval(smoke_run):
             }
 
 
+def test_endings_count_eos_and_tokens_before_it():
+    import torch
+
+    eos, pad = 1, 0
+    rows = torch.tensor([[5, 6, eos, pad, pad], [5, 6, 7, 8, 9], [eos, pad, pad, pad, pad]])
+    assert count_endings(rows, eos, pad) == {"ended_with_eos": 2, "generations": 3, "new_tokens": 7}
+
+
+def test_summary_counts_how_each_methods_answers_end(smoke_run):
+    run, _ = smoke_run
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    endings = summary["generation_endings"]
+    assert set(endings) == set(METHODS)
+    for e in endings.values():
+        # 4 IFBench + 4 held-out prompts are generated per method (the ppl task is log-likelihood)
+        assert e["generations"] == 8 and 0 <= e["ended_with_eos"] <= 8
+        assert e["max_gen_toks"] == 16
+        assert 0 <= e["new_tokens"] <= 8 * 16
+
+
 def test_reports_are_built_with_tables_and_figures(smoke_run):
     _run, reports = smoke_run
     index = (reports / "index.html").read_text()
@@ -103,7 +129,7 @@ def test_reports_are_built_with_tables_and_figures(smoke_run):
     assert "tiny:chat-lm" in index and "tiny:base-lm" in index and "smoke profile" in index
     costs = (reports / "compute_costs.html").read_text()
     comparison = (reports / "method_comparison.html").read_text()
-    for page, tables, images in ((costs, 3, 1), (comparison, 6, 3)):
+    for page, tables, images in ((costs, 3, 1), (comparison, 7, 3)):
         assert len(re.findall(r"<table", page)) >= tables
         assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', page)) >= images
         body = page.rsplit("</style>", 1)[-1]  # the stylesheet names every cell kind
@@ -112,3 +138,4 @@ def test_reports_are_built_with_tables_and_figures(smoke_run):
     assert "seed (reported)" in costs and "05_sft_lora" in costs
     for label in ("base model", "LoRA SFT", "prompt tuning", "DPO (on SFT)"):
         assert label in comparison
+    assert "ended with EOS" in comparison and "limit (max_gen_toks)" in comparison

@@ -19,7 +19,7 @@ MESSAGES = [
 
 @pytest.mark.parametrize(
     ("family", "end_of_turn"),
-    [("gemma", "<end_of_turn>"), ("llama3", "<|eot_id|>"), ("qwen2_5", "<|im_end|>")],
+    [("gemma", "<eos>"), ("llama3", "<|eot_id|>"), ("qwen2_5", "<|im_end|>")],
 )
 def test_base_tokenizer_gets_a_loss_marked_chat_format(family, end_of_turn):
     from trl.chat_template_utils import is_chat_template_stop_token_trained
@@ -141,7 +141,10 @@ def test_tuned_model_learns_to_stop_at_the_end_of_turn(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     cfg = load_config("smoke", overrides)
     model, tokenizer = load_for_generation(cfg, run, "sft_lora", "cpu")
-    engine = GenerationEngine(model, tokenizer, batch_size=4, show_progress=False)
+    # stop on EOS alone: the answer must end with the token the chat format trains, not any role token
+    engine = GenerationEngine(
+        model, tokenizer, batch_size=4, show_progress=False, stop_ids=[tokenizer.eos_token_id]
+    )
     greedy = cfg.responses.sampling.__class__(temperature=0.0, max_new_tokens=12)
     requests = [
         Request(

@@ -15,9 +15,9 @@ saved tokenizer (which carries the chat template), with the chat template applie
 gets the same chat format in local mode, so every method sees identical prompts; in hub mode it is
 evaluated as a base model (no template), as is customary for those benchmarks.
 
-Per method: ``eval/<method>.json`` (lm-eval's results, without samples) and
-``eval/samples/<method>/<task>.jsonl`` (lm-eval's per-sample logs). ``eval/summary.json`` holds every
-metric with a percentile-bootstrap confidence interval over prompts.
+Per method: ``eval/<method>.json`` (lm-eval's results, without samples, and how many generations
+ended on EOS) and ``eval/samples/<method>/<task>.jsonl`` (lm-eval's per-sample logs).
+``eval/summary.json`` holds every metric with a percentile-bootstrap confidence interval over prompts.
 """
 
 from __future__ import annotations
@@ -99,12 +99,42 @@ def _missing_nltk_resources() -> dict[str, str]:
     return missing
 
 
+def count_endings(continuations: Any, eos_id: int, pad_id: int | None) -> dict[str, int]:
+    """How a batch of generated continuations (rows of new token ids) ended: on EOS, or at the limit.
+
+    A row that ended on EOS is padded after it; `new_tokens` counts the tokens before EOS or padding.
+    """
+    ended = 0
+    new_tokens = 0
+    for row in continuations.tolist():
+        if eos_id in row:
+            ended += 1
+            row = row[: row.index(eos_id)]
+        new_tokens += sum(1 for token in row if token != pad_id)
+    return {"ended_with_eos": ended, "generations": len(continuations), "new_tokens": new_tokens}
+
+
 def _adapter_lm_class() -> type:
     from lm_eval.models.huggingface import HFLM
 
     class AdapterLM(HFLM):
         """lm-eval's `hf` model; also right for prompt tuning, whose PEFT forward prepends the soft
-        prompt's positions to the logits while lm-eval indexes logits by input position."""
+        prompt's positions to the logits while lm-eval indexes logits by input position. It counts
+        how its generations end (`endings`): lm-eval keeps only the text, which cannot tell an answer
+        that ended on EOS from one cut at `max_gen_toks`."""
+
+        endings: dict[str, int]
+
+        def _model_generate(self, context: Any, max_length: int, stop: list[str], **kwargs: Any) -> Any:
+            output = super()._model_generate(context, max_length, stop, **kwargs)
+            counts = count_endings(
+                output[:, context.shape[1] :], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+            )
+            if not hasattr(self, "endings"):
+                self.endings = dict.fromkeys(counts, 0)
+            for key, value in counts.items():
+                self.endings[key] += value
+            return output
 
         def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
             logits = super()._model_call(inps, attn_mask, labels)
@@ -206,6 +236,8 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
                 merged[key] = out[key]
     merged["method"] = method
     merged["chat_template_applied"] = chat
+    if getattr(lm, "endings", None):
+        merged["generation_endings"] = {**lm.endings, "max_gen_toks": e.max_gen_toks}
     for task, rows in samples.items():
         write_jsonl(paths.eval / "samples" / method / f"{task}.jsonl", _jsonable(rows))
     write_json(paths.eval / f"{method}.json", _jsonable(merged))
@@ -278,6 +310,10 @@ def run_evaluation(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
         "confidence": 0.95,
         "metrics": metric_table(cfg, paths),
         "lm_eval_results": {m: read_json(paths.eval / f"{m}.json")["results"] for m in METHODS},
+        # how each method's generations ended: on the tokenizer's EOS, or cut at max_gen_toks
+        "generation_endings": {
+            m: read_json(paths.eval / f"{m}.json").get("generation_endings") for m in METHODS
+        },
     }
     write_json(paths.eval / "summary.json", summary)  # last: marks the step complete
     return summary

@@ -320,6 +320,32 @@ def comparison_tables(paths: RunPaths) -> list[Any]:
     return tables
 
 
+def endings_table(paths: RunPaths) -> Any:
+    """Per method: how many of its generated answers ended on EOS rather than at the length limit."""
+    import pandas as pd
+
+    summary = read_json(paths.eval / "summary.json")
+    rows = []
+    for method, e in (summary.get("generation_endings") or {}).items():
+        if not e:
+            continue
+        rows.append(
+            {
+                "method": METHOD_LABELS[method],
+                "answers": e["generations"],
+                "ended with EOS": e["ended_with_eos"],
+                "share": round(e["ended_with_eos"] / e["generations"], 3),
+                "mean answer tokens": round(e["new_tokens"] / e["generations"], 1),
+                "limit (max_gen_toks)": e["max_gen_toks"],
+            }
+        )
+    return _caption(
+        pd.DataFrame(rows),
+        "Generations of every generate_until task, greedy; an answer not ending with EOS ran to the limit. "
+        f"Source: {paths.eval / 'summary.json'}",
+    )
+
+
 def metric_bars_figure(
     paths: RunPaths, metrics: tuple[str, ...] = ("prompt_level_loose_acc", "inst_level_loose_acc")
 ) -> Any:

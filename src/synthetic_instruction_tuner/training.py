@@ -2,8 +2,12 @@
 
 The targets are base models with no chat template, so `chat_tokenizer` gives them one whose assistant
 turns sit inside `{% generation %}` markers (TRL's `assistant_only_loss` masks everything else) and
-whose end-of-turn token is *inside* the marked span, so the model is trained to emit it. That token
-also becomes the tokenizer's EOS, which is what lm-eval and `generate` stop on.
+end with the tokenizer's EOS *inside* the marked span, so the model is trained to emit it; EOS is what
+lm-eval and `generate` stop on. The turn headers use the vocabulary's own turn tokens, but an answer
+ends in EOS, not in the family's end-of-turn token: a base model was never trained to emit
+`<end_of_turn>` or `<|eot_id|>`, and LoRA cannot move that token's frozen, tied embedding row, whereas
+pretraining taught it where a text ends (after a complete reference answer Gemma-3-270M base ranks
+`<end_of_turn>` 75,277th-262,017th of 262,144 tokens, `<eos>` 3rd-946th, median 8th; 12 answers).
 
 Every method writes `adapters/<method>/` (adapter + tokenizer) and `metrics.json` (curves, final eval
 loss, runtime, samples/s, parameter counts, peak memory, device); checkpoints under
@@ -28,10 +32,10 @@ from .store import RunPaths, read_jsonl, write_json
 METHODS = ("sft_lora", "prompt_tuning", "dpo")
 
 # Chat formats for base models, chosen by which turn tokens the vocabulary already has. Each closes
-# the assistant turn inside {% generation %}, so the end-of-turn token carries loss.
+# the assistant turn with EOS inside {% generation %}, so the token that ends an answer carries loss.
 _GEMMA = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
-    "{{ '<start_of_turn>model\\n' }}{% generation %}{{ (message['content'] | trim) + '<end_of_turn>' }}"
+    "{{ '<start_of_turn>model\\n' }}{% generation %}{{ (message['content'] | trim) + eos_token }}"
     "{% endgeneration %}{{ '\\n' }}{% else %}{{ '<start_of_turn>user\\n' + (message['content'] | trim) + "
     "'<end_of_turn>\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}"
     "{% endif %}"
@@ -39,13 +43,13 @@ _GEMMA = (
 _LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ (message['content'] | trim) + '<|eot_id|>' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ (message['content'] | trim) + eos_token }}"
     "{% endgeneration %}{% else %}{{ (message['content'] | trim) + '<|eot_id|>' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 _CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ (message['content'] | trim) + '<|im_end|>' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ (message['content'] | trim) + eos_token }}"
     "{% endgeneration %}{{ '\\n' }}{% else %}{{ (message['content'] | trim) + '<|im_end|>\\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -56,7 +60,7 @@ _PLAIN = (
     "{% endfor %}{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
 )
 CHAT_FORMATS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
-    # name, tokens the vocabulary must have, template, end-of-turn token
+    # name, tokens the vocabulary must have, template, EOS for a tokenizer that has none
     ("gemma", ("<start_of_turn>", "<end_of_turn>"), _GEMMA, "<end_of_turn>"),
     ("llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), _LLAMA3, "<|eot_id|>"),
     ("chatml", ("<|im_start|>", "<|im_end|>"), _CHATML, "<|im_end|>"),
@@ -64,22 +68,25 @@ CHAT_FORMATS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
 
 
 def with_chat_format(tokenizer: Any) -> Any:
-    """Give a base tokenizer a loss-marked chat template and make its end-of-turn token the EOS.
+    """Give a base tokenizer a loss-marked chat template whose assistant turns end with its EOS.
 
     The format follows the turn tokens the vocabulary already has (Gemma, Llama-3, ChatML), so no
-    embedding is added; a tokenizer with none of them gets a plain-text format ending turns in EOS.
+    embedding is added; a tokenizer with none of them gets a plain-text format. A tokenizer without
+    an EOS gets the family's end-of-turn token as one.
     """
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if template and "{% generation %}" in template:
         return tokenizer
     vocab = tokenizer.get_vocab()
-    for _name, needed, fmt, end_of_turn in CHAT_FORMATS:
+    for _name, needed, fmt, fallback_eos in CHAT_FORMATS:
         if all(token in vocab for token in needed):
             tokenizer.chat_template = fmt
-            tokenizer.eos_token = end_of_turn
+            tokenizer.eos_token = tokenizer.eos_token or fallback_eos
             break
     else:
         tokenizer.chat_template = _PLAIN
+    if tokenizer.eos_token is None:
+        raise PipelineError(f"{tokenizer.name_or_path}: the tokenizer has no EOS token to end a turn with")
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         # a pad distinct from EOS, so padding is never mistaken for the end of a turn
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.pad_token or tokenizer.eos_token
