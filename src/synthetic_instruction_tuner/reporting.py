@@ -341,7 +341,8 @@ def endings_table(paths: RunPaths) -> Any:
         )
     return _caption(
         pd.DataFrame(rows),
-        "Generations of every generate_until task, greedy; an answer not ending with EOS ran to the limit. "
+        "Generations of every generate_until task, greedy; an answer not ending with EOS ran to the limit "
+        "or stopped on a task's stop sequence. "
         f"Source: {paths.eval / 'summary.json'}",
     )
 
