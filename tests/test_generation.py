@@ -126,3 +126,56 @@ def test_out_of_memory_halves_the_batch(chat_lm):
     finally:
         handle.remove()
     assert len(done) == 8 and engine.stats.ooms == 2 and engine.stats.batch_size == 2
+
+
+def _adapter(tmp_path, method):
+    """A saved adapter on the tiny base model, loaded back as the pipeline loads adapters for inference.
+    The soft prompt is scaled up from its random start so that feeding it twice changes the answer."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    from synthetic_instruction_tuner.models import load_adapter, load_causal_lm, resolve_model
+
+    path = resolve_model("tiny:base-lm").path
+    if method == "prompt_tuning":
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)
+    else:
+        config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"])
+    trained = get_peft_model(load_causal_lm(path), config)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if param.requires_grad:
+                param.normal_(0.0, 1.0 if "lora" in name else 8.0)
+    trained.save_pretrained(tmp_path / method)
+    return load_adapter(load_causal_lm(path), tmp_path / method), path
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "lora"])
+def test_adapters_decode_one_token_per_step_as_without_a_cache(tmp_path, method):
+    """After the prompt, each decoding step feeds the base model one position: a prompt-tuned model must
+    not feed its virtual tokens again (transformers 5.24 with peft 0.21 did), and its cached greedy
+    answer must be the one computed without a cache."""
+    from synthetic_instruction_tuner.models import load_tokenizer
+
+    model, path = _adapter(tmp_path, method)
+    tokenizer = load_tokenizer(path)
+    inputs = tokenizer(["Name a fruit.", "Say hello to everyone here."], return_tensors="pt", padding=True)
+    widths: list[int] = []
+
+    def record(_module, args, kwargs):
+        fed = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        widths.append(fed.shape[1])
+
+    hook = model.get_base_model().model.register_forward_pre_hook(record, with_kwargs=True)
+    settings = {
+        "max_new_tokens": 8,
+        "min_new_tokens": 8,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    with torch.inference_mode():
+        cached = model.generate(**inputs, **settings)
+        hook.remove()
+        uncached = model.generate(**inputs, **settings, use_cache=False)
+    virtual = 10 if method == "prompt_tuning" else 0
+    assert widths == [inputs["input_ids"].shape[1] + virtual] + [1] * 7
+    assert cached.tolist() == uncached.tolist()

