@@ -159,9 +159,12 @@ def _tokenizer_dir(cfg: Config, paths: RunPaths, method: str, target: Path) -> P
     return folder
 
 
-def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
-    """lm-eval's HF model for `method`, with its adapter and saved tokenizer."""
-    target = resolve_model(cfg.models.target).path
+def lm_eval_args(
+    cfg: Config, paths: RunPaths, method: str, device: str, target: Path | None = None
+) -> dict[str, Any]:
+    """The keyword arguments `make_lm` gives lm-eval's HF model for `method`; `run_all.py --preflight`
+    builds them too, with `target` where the model would be downloaded to."""
+    target = target or resolve_model(cfg.models.target).path
     kwargs: dict[str, Any] = {
         "pretrained": str(target),
         "tokenizer": str(_tokenizer_dir(cfg, paths, method, target)),
@@ -170,15 +173,20 @@ def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
         "batch_size": cfg.evaluation.batch_size,
     }
     if method != "base":
-        adapter = paths.adapters / method
-        if not (adapter / "adapter_config.json").exists():
-            raise PipelineError(f"{adapter}: no adapter; run the step that trains {method} first")
-        kwargs["peft"] = str(adapter)
+        kwargs["peft"] = str(paths.adapters / method)
     if cfg.hardware.load_in_4bit:
         from .models import quantization_config
 
         kwargs["quantization_config"] = quantization_config(cfg.hardware.dtype)
-    return _adapter_lm_class()(**kwargs)
+    return kwargs
+
+
+def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
+    """lm-eval's HF model for `method`, with its adapter and saved tokenizer."""
+    adapter = paths.adapters / method
+    if method != "base" and not (adapter / "adapter_config.json").exists():
+        raise PipelineError(f"{adapter}: no adapter; run the step that trains {method} first")
+    return _adapter_lm_class()(**lm_eval_args(cfg, paths, method, device))
 
 
 def _task_groups(cfg: Config) -> list[tuple[list[str], int | None]]:
