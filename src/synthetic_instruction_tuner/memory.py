@@ -86,7 +86,8 @@ class ModelShape:
     config: Any = field(repr=False, compare=False)
 
     def describe(self) -> str:
-        return f"{self.model_type}, {self.params / 1e9:.2f}B params, config from {self.source}"
+        count = f"{self.params / 1e9:.2f}B" if self.params >= 1e9 else f"{self.params / 1e6:.1f}M"
+        return f"{self.model_type}, {count} params, config from {self.source}"
 
 
 def _shipped_config_dir(ref: str) -> Path | None:
@@ -177,9 +178,19 @@ def model_shape(ref: str, causal: bool = True) -> ModelShape:
     )
 
 
+_TRAINABLE: dict[tuple[str, bool, str], int] = {}
+
+
 def peft_trainable_params(shape: ModelShape, peft_config: Any) -> int:
     """Trainable parameters PEFT adds to `shape` for `peft_config`, counted by PEFT on a meta skeleton
     (which also checks that the target modules exist in this architecture)."""
+    key = (shape.ref, shape.causal, repr(peft_config))
+    if key not in _TRAINABLE:
+        _TRAINABLE[key] = _count_trainable(shape, peft_config)
+    return _TRAINABLE[key]
+
+
+def _count_trainable(shape: ModelShape, peft_config: Any) -> int:
     import copy
 
     from peft import get_peft_model
@@ -299,7 +310,8 @@ def training(
     return Estimate(
         {
             "weights": weights,
-            "adapter + optimizer": trainable * (4 + 4 + optimizer_bytes_per_param(optim)) + frozen_adapter * 4,
+            "adapter + optimizer": trainable * (4 + 4 + optimizer_bytes_per_param(optim))
+            + frozen_adapter * 4,
             "activations": activations,
             "LM head": head,
         }

