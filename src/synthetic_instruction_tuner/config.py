@@ -41,6 +41,9 @@ class HardwareConfig:
     dense_lm_head: bool = (
         False  # score labelled positions with one LM-head matmul instead of TRL's chunked kernel
     )
+    device_memory_gb: float | None = (
+        None  # one accelerator's memory in GiB, checked by --preflight (None: not checked)
+    )
     compute_units_per_hour: float = 0.0  # billing rate of the machine (Colab compute units / hour)
     compute_units_source: str = ""  # where that rate comes from
 

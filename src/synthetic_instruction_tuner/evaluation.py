@@ -153,7 +153,13 @@ def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
     from .training import load_for_generation
 
     model, tokenizer = load_for_generation(cfg, paths, method, device)
-    return _adapter_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluation.batch_size)
+    return _adapter_lm_class()(**lm_eval_args(cfg, model, tokenizer))
+
+
+def lm_eval_args(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """What lm-eval's HF model is given: objects, not loading arguments (`run_all.py --preflight`
+    checks these names against lm-eval's signatures)."""
+    return {"pretrained": model, "tokenizer": tokenizer, "batch_size": cfg.evaluation.batch_size}
 
 
 def _task_groups(cfg: Config) -> list[tuple[list[str], int | None]]:

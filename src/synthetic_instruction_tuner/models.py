@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 _COMPLETE = ".complete"
 # Config, tokenizer and template files; the weights are added by `hub_patterns` for what the repo has.
-_HUB_FILES = ["*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+HUB_FILES = ["*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def hub_patterns(files: list[str]) -> list[str]:
         raise ModelError(
             f"no safetensors or .bin weights at the top of the repository (files: {', '.join(sorted(top)[:8])})"
         )
-    return _HUB_FILES + weights
+    return HUB_FILES + weights
 
 
 # Bumped whenever# Bumped whenever a builder changes what it writes, so that a cache from an older version is not reused.

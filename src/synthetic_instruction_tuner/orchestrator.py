@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         "--list", action="store_true", help="list the steps and whether each is complete, then exit"
     )
     p.add_argument(
+        "--preflight",
+        action="store_true",
+        help="check on any machine, without downloads, that the profile's run will fit and work; then exit",
+    )
+    p.add_argument(
         "--force", action="store_true", help="rerun the selected steps even if their outputs are complete"
     )
     p.add_argument(
@@ -218,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         if profile.endswith((".yaml", ".yml")):  # the kernels run from the repository root
             profile = str(Path(profile).expanduser().resolve())
         cfg = load_config(profile, args.overrides)
+        if args.preflight:
+            from . import preflight
+
+            return preflight.run(cfg)
         steps = select_steps(args.steps)
         run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else default_run_dir(cfg.profile)
         paths = run_paths(run_dir)
