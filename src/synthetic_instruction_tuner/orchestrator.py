@@ -13,6 +13,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from .errors import PipelineError
 from .fingerprints import clear_state, write_state
 from .ledger import ResourceMonitor, append_row, device_description, new_run_id, step_row
 from .steps import PIPELINE, Step, default_run_dir, existing_steps, pipeline_status, step_status
-from .store import RunPaths, atomic_write_text, run_paths
+from .store import JsonlAppender, RunPaths, atomic_write_text, run_paths
 
 ANALYSIS = ("analysis/compute_costs.py", "analysis/method_comparison.py")
 
@@ -262,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         # The Hub token is deliberately not a parameter: kernels read it from the environment.
         parameters = {"profile": profile, "run_dir": str(run_dir), "overrides": list(args.overrides)}
+        if paths.ledger.exists():  # drops a last row torn by a kill, which the reports could not read
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                JsonlAppender(paths.ledger, key="row").close()
+            for warning in caught:
+                print(f"run_all: {warning.message}", flush=True)
         for step in steps:
             status = step_status(step, cfg, paths)
             if status.complete and not args.force:

@@ -243,7 +243,7 @@ def pipeline_status(cfg: Config, paths: RunPaths, steps: tuple[Step, ...] | None
             if waiting:
                 status = StepStatus(
                     False,
-                    f"upstream {', '.join(dict.fromkeys(waiting))} is pending",
+                    f"upstream {', '.join(dict.fromkeys(waiting))} {'is' if len(set(waiting)) == 1 else 'are'} pending",
                     False,
                     status.fingerprint,
                 )
