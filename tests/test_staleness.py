@@ -336,3 +336,17 @@ def test_sigkill_at_twelve_random_moments_then_a_final_run_matches_a_clean_run(s
         assert text.rstrip().endswith("</html>") and "<table" in text, page
     index = (reports / "index.html").read_text()
     assert 'href="compute_costs.html"' in index and 'href="method_comparison.html"' in index
+
+
+def test_a_report_that_fails_to_render_is_one_line_exit_1_and_no_page_is_written(smoke_run, tmp_path):
+    run, reports = tmp_path / "run", tmp_path / "reports"
+    shutil.copytree(smoke_run[0], run)
+    (run / "eval/summary.json").write_text('{"mode": "local", "metrics": ')  # every step still complete
+    result = run_cli(["--profile", "smoke", "--run-dir", str(run), "--reports-dir", str(reports)])
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("run_all: error: report method_comparison failed in cell")
+    assert "summary.json" in line and "DataError" in line
+    assert "complete, skipped" in result.stdout and "running (pipeline/" not in result.stdout
+    # compute_costs rendered, but nothing is written unless every page rendered
+    assert not reports.exists() or not any(reports.iterdir())
