@@ -302,6 +302,7 @@ def _counts(run: Path) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow  # about 1.15x a clean smoke run (16.5 min on 2 busy cores); `make test-slow`
 def test_sigkill_at_twelve_random_moments_then_a_final_run_matches_a_clean_run(smoke_run, tmp_path):
     from html.parser import HTMLParser
 
@@ -344,7 +345,9 @@ def test_a_report_that_fails_to_render_is_one_line_exit_1_and_no_page_is_written
     (run / "eval/summary.json").write_text('{"mode": "local", "metrics": ')  # every step still complete
     result = run_cli(["--profile", "smoke", "--run-dir", str(run), "--reports-dir", str(reports)])
     assert result.returncode == 1
-    (line,) = result.stderr.strip().splitlines()
+    # the stopped kernel may add "[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel." of its own
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("run_all:")]
+    assert "Traceback" not in result.stderr
     assert line.startswith("run_all: error: report method_comparison failed in cell")
     assert "summary.json" in line and "DataError" in line
     assert "complete, skipped" in result.stdout and "running (pipeline/" not in result.stdout
