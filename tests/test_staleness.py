@@ -159,12 +159,12 @@ def test_a_raised_count_resumes_and_an_interrupted_step_resumes(tmp_path):
     )
 
 
-def test_outputs_without_a_fingerprint_are_redone_from_scratch(tmp_path):
+def test_outputs_without_a_fingerprint_are_rerun_but_not_deleted(tmp_path):
     cfg, paths = load_config("smoke"), run_paths(tmp_path)
     assert step_status(STEP["01_generate_instructions"], cfg, paths).reason == "outputs missing"
     _fake_outputs(tmp_path, "01_generate_instructions")
     status = step_status(STEP["01_generate_instructions"], cfg, paths)
-    assert (status.complete, status.reason, status.restart) == (False, "no fingerprint recorded", True)
+    assert (status.complete, status.reason, status.restart) == (False, "no fingerprint recorded", False)
 
 
 def test_settings_of_takes_whole_sections_minus_keys_that_do_not_change_outputs():

@@ -199,8 +199,11 @@ def step_status(step: Step, cfg: Config, paths: RunPaths) -> StepStatus:
     on_disk = [p for p in (*step.outputs, *step.scratch) if _present(paths.root / p)]
     missing = [o for o in step.outputs if not (paths.root / o).exists()]
     if state is None:
-        if on_disk:  # from a run before fingerprints, or the state was deleted: settings unknown
-            return StepStatus(False, "no fingerprint recorded", True, fp)
+        if on_disk:
+            # From a run before fingerprints, or written by hand: settings unknown. Rerun, but never
+            # delete it: generation resumes only records made with this generator and sampling (or
+            # stops naming the key and line), training resumes from its checkpoint, 03/04 rewrite theirs.
+            return StepStatus(False, "no fingerprint recorded", False, fp)
         return StepStatus(False, "outputs missing", False, fp)
     settings = fps.changed_settings(state["settings"], fp["settings"])
     if settings:
