@@ -17,8 +17,10 @@ gets the same chat format, so every method sees identical prompts in both modes.
 here rather than through lm-eval's ``model_args`` keeps one loading path for 4-bit models (lm-eval
 0.4.13 passes its own ``quantization_config`` next to the caller's, which raises a TypeError).
 
-Per method: ``eval/<method>.json`` (lm-eval's results, without samples, and how many generations
-ended on EOS) and ``eval/samples/<method>/<task>.jsonl`` (lm-eval's per-sample logs).
+Per method and task: ``eval/results/<method>/<task>.json`` (lm-eval's results for that task, how its
+generations ended, and the fingerprint they were produced under: a rerun redoes only tasks without
+results under the current settings and adapter) and ``eval/samples/<method>/<task>.jsonl``
+(lm-eval's per-sample logs). Per method: ``eval/<method>.json``, the tasks' results merged.
 ``eval/summary.json`` holds every metric with a percentile-bootstrap confidence interval over prompts.
 """
 
@@ -162,13 +164,12 @@ def lm_eval_args(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
     return {"pretrained": model, "tokenizer": tokenizer, "batch_size": cfg.evaluation.batch_size}
 
 
-def _task_groups(cfg: Config) -> list[tuple[list[str], int | None]]:
+def _tasks(cfg: Config) -> list[tuple[str, int | None]]:
+    """(task, few-shot) in evaluation order: each is evaluated, and its results kept, on its own."""
     e = cfg.evaluation
     if e.mode == "local":
-        return [(list(e.local_tasks), None)]
-    few = [t for t in e.hub_tasks if t == "mmlu"]
-    rest = [t for t in e.hub_tasks if t != "mmlu"]
-    return [g for g in ((rest, None), (few, e.mmlu_fewshot)) if g[0]]
+        return [(t, None) for t in e.local_tasks]
+    return [(t, e.mmlu_fewshot if t == "mmlu" else None) for t in e.hub_tasks]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -177,25 +178,64 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=handle_non_serializable))
 
 
+def method_fingerprint(cfg: Config, paths: RunPaths, method: str) -> dict[str, Any]:
+    """What one method's results depend on: step 07's settings, the held-out prompts and its adapter."""
+    from .fingerprints import file_digest, settings_of
+    from .steps import PIPELINE
+
+    (step,) = [s for s in PIPELINE if s.name == "07_evaluate"]
+    return {
+        "settings": settings_of(cfg, step.settings),
+        "heldout": file_digest(paths.file("heldout.jsonl")),
+        "adapter": None if method == "base" else file_digest(paths.adapters / method / "metrics.json"),
+    }
+
+
+def task_result_path(paths: RunPaths, method: str, task: str) -> Path:
+    return paths.eval / "results" / method / f"{task}.json"
+
+
+def _finished_task(paths: RunPaths, method: str, task: str, fingerprint: dict[str, Any]) -> dict | None:
+    """A task's recorded result if it was produced under this fingerprint and its sample logs exist."""
+    path = task_result_path(paths, method, task)
+    try:
+        record = read_json(path) if path.exists() else None
+    except PipelineError:
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        return None
+    logs = [paths.eval / "samples" / method / f"{name}.jsonl" for name in record.get("sample_logs", [])]
+    return record if all(log.exists() for log in logs) else None
+
+
 def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> dict[str, Any]:
-    """Run every task group for one method; write eval/<method>.json and its sample logs."""
+    """Run every task for one method; write eval/<method>.json and its sample logs.
+
+    Each task's results go to eval/results/<method>/<task>.json (atomically, with the fingerprint
+    they were produced under) as soon as the task finishes, so a run killed in the middle of a task
+    redoes only that task. Tasks already recorded under the current fingerprint are not rerun.
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     e = cfg.evaluation
-    if e.mode == "local":
-        import synthetic_instruction_tuner.eval_tasks  # noqa: F401 - punkt_tab before lm-eval's IFEval import
+    fingerprint = method_fingerprint(cfg, paths, method)
+    records = {task: _finished_task(paths, method, task, fingerprint) for task, _ in _tasks(cfg)}
+    todo = [(task, fewshot) for task, fewshot in _tasks(cfg) if records[task] is None]
+    if todo:
+        print(f"evaluating {method}: {', '.join(t for t, _ in todo)} ...", flush=True)
+        if e.mode == "local":
+            import synthetic_instruction_tuner.eval_tasks  # noqa: F401 - punkt_tab before lm-eval's IFEval import
 
-        manager = TaskManager(include_path=str(prepare_local_tasks(cfg, paths)))
-    else:
-        manager = TaskManager()
-    lm = make_lm(cfg, paths, method, device)
-    merged: dict[str, Any] = {}
-    samples: dict[str, list[dict[str, Any]]] = {}
-    for tasks, fewshot in _task_groups(cfg):
+            manager = TaskManager(include_path=str(prepare_local_tasks(cfg, paths)))
+        else:
+            manager = TaskManager()
+        lm = make_lm(cfg, paths, method, device)
+    for task, fewshot in todo:
+        before = dict(getattr(lm, "endings", {}))
         out = lm_eval.simple_evaluate(
             model=lm,
-            tasks=tasks,
+            tasks=[task],
             num_fewshot=fewshot,
             limit=e.limit,
             bootstrap_iters=e.bootstrap_iters,
@@ -208,19 +248,33 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed,
         )
-        samples.update(out.pop("samples", {}))
-        for key in RESULT_KEYS:
-            if isinstance(out.get(key), dict):
-                merged.setdefault(key, {}).update(out[key])
-            elif key in out:
-                merged[key] = out[key]
+        samples = out.pop("samples", {})
+        for name, rows in samples.items():
+            write_jsonl(paths.eval / "samples" / method / f"{name}.jsonl", _jsonable(rows))
+        endings = {k: v - before.get(k, 0) for k, v in getattr(lm, "endings", {}).items()}
+        records[task] = {
+            "fingerprint": fingerprint,
+            "task": task,
+            "sample_logs": sorted(samples),
+            "results": _jsonable({key: out[key] for key in RESULT_KEYS if key in out}),
+            "generation_endings": endings if endings.get("generations") else None,
+        }
+        write_json(task_result_path(paths, method, task), records[task])  # last: the task is done
+    merged: dict[str, Any] = {}
+    endings: dict[str, int] = {}
+    for task, _ in _tasks(cfg):
+        for key, value in records[task]["results"].items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            else:
+                merged[key] = value
+        for key, value in (records[task].get("generation_endings") or {}).items():
+            endings[key] = endings.get(key, 0) + value
     merged["method"] = method
     merged["chat_template_applied"] = True
-    if getattr(lm, "endings", None):
-        merged["generation_endings"] = {**lm.endings, "max_gen_toks": e.max_gen_toks}
-    for task, rows in samples.items():
-        write_jsonl(paths.eval / "samples" / method / f"{task}.jsonl", _jsonable(rows))
-    write_json(paths.eval / f"{method}.json", _jsonable(merged))
+    if endings:
+        merged["generation_endings"] = {**endings, "max_gen_toks": e.max_gen_toks}
+    write_json(paths.eval / f"{method}.json", merged)
     return merged
 
 
@@ -274,14 +328,9 @@ def metric_table(cfg: Config, paths: RunPaths) -> dict[str, Any]:
 
 
 def run_evaluation(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
-    """Evaluate every method whose results are missing or older than its adapter; write eval/summary.json."""
+    """Evaluate every method (only the tasks without results under the current fingerprint); write
+    eval/summary.json."""
     for method in METHODS:
-        result = paths.eval / f"{method}.json"
-        marker = paths.adapters / method / "metrics.json"
-        stale = result.exists() and marker.exists() and result.stat().st_mtime < marker.stat().st_mtime
-        if result.exists() and not stale:
-            continue
-        print(f"evaluating {method} ...", flush=True)
         evaluate_method(cfg, paths, method, device)
     summary = {
         "mode": cfg.evaluation.mode,

@@ -13,19 +13,25 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .config import PROFILES, REPO_ROOT, Config, load_config
 from .errors import PipelineError
+from .fingerprints import clear_state, write_state
 from .ledger import ResourceMonitor, append_row, device_description, new_run_id, step_row
-from .steps import PIPELINE, Step, default_run_dir, existing_steps, is_complete
-from .store import RunPaths, run_paths
+from .steps import PIPELINE, Step, default_run_dir, existing_steps, pipeline_status, step_status
+from .store import JsonlAppender, RunPaths, atomic_write_text, run_paths
 
 ANALYSIS = ("analysis/compute_costs.py", "analysis/method_comparison.py")
 
 
 class StepFailed(PipelineError):
+    pass
+
+
+class ReportFailed(PipelineError):
     pass
 
 
@@ -43,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", help="comma-separated step names or prefixes, e.g. 01,02 or 05b_prompt_tuning")
     p.add_argument(
-        "--list", action="store_true", help="list the steps and whether each is complete, then exit"
+        "--list", action="store_true", help="list the steps, whether each is complete and why not, then exit"
     )
     p.add_argument(
         "--preflight",
@@ -183,32 +189,52 @@ def run_step(
     return row
 
 
+def clear_step(step: Step, paths: RunPaths) -> None:
+    """Delete a step's outputs, its resumable state and its recorded fingerprint."""
+    clear_state(paths.root, step.name)
+    for output in step.outputs:
+        (paths.root / output).unlink(missing_ok=True)
+    for folder in step.scratch:
+        shutil.rmtree(paths.root / folder, ignore_errors=True)
+
+
 def render_reports(paths: RunPaths, reports_dir: Path, parameters: dict[str, Any], cfg: Config) -> list[Path]:
-    """Execute the analysis notebooks and export them to HTML without code cells, plus an index."""
+    """Execute the analysis notebooks and export them to HTML without code cells, plus an index.
+
+    Every page is rendered before any is written, and each is written atomically (a temporary file
+    renamed over the old one), so a kill leaves either the previous pages or the new ones, never a
+    half-written page; a page that fails to render raises ReportFailed naming it, writing nothing.
+    """
     import nbformat
     from nbconvert import HTMLExporter
 
     from .reporting import write_index
 
-    reports_dir.mkdir(parents=True, exist_ok=True)
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    written = []
+    pages: dict[Path, str] = {}
     for notebook in ANALYSIS:
         source = REPO_ROOT / notebook
         if not source.exists():
             continue
         executed = paths.notebooks / f"analysis_{source.stem}.ipynb"
-        execute_notebook(source, executed, parameters)
-        body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
-        target = reports_dir / f"{source.stem}.html"
-        target.write_text(body, encoding="utf-8")
-        written.append(target)
+        try:
+            execute_notebook(source, executed, parameters)
+            body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
+        except Exception as exc:
+            raise ReportFailed(
+                "report " + _failure_message(source.stem, exc, executed).removeprefix("step ")
+            ) from exc
+        pages[reports_dir / f"{source.stem}.html"] = body
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    for target, body in pages.items():
+        atomic_write_text(target, body)
     models = {
         "generator": cfg.models.generator,
         "target": cfg.models.target,
         "pair scorer": cfg.preferences.scorer
         + (f" ({cfg.models.reward_model})" if cfg.models.reward_model else ""),
     }
+    written = list(pages)
     written.append(write_index(reports_dir, paths, cfg.profile, [p.name for p in written], models))
     return written
 
@@ -231,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else default_run_dir(cfg.profile)
         paths = run_paths(run_dir)
         if args.list:
-            for step in existing_steps():
-                state = "complete" if is_complete(step, cfg, paths) else "pending"
-                print(f"{step.name:28s} {state:9s} {step.notebook}")
+            for step, status in zip(existing_steps(), pipeline_status(cfg, paths), strict=True):
+                state = "complete" if status.complete else "pending"
+                print(f"{step.name:28s} {state:9s} {step.notebook:38s} {status.reason}".rstrip())
             return 0
         from .models import export_hub_token, resolve_device
 
@@ -247,17 +273,26 @@ def main(argv: list[str] | None = None) -> int:
         }
         # The Hub token is deliberately not a parameter: kernels read it from the environment.
         parameters = {"profile": profile, "run_dir": str(run_dir), "overrides": list(args.overrides)}
+        if paths.ledger.exists():  # drops a last row torn by a kill, which the reports could not read
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                JsonlAppender(paths.ledger, key="row").close()
+            for warning in caught:
+                print(f"run_all: {warning.message}", flush=True)
         for step in steps:
-            if not args.force and is_complete(step, cfg, paths):
+            status = step_status(step, cfg, paths)
+            if status.complete and not args.force:
                 print(f"run_all: {step.name}: complete, skipped (use --force to rerun)", flush=True)
                 continue
-            if args.force:  # from scratch: outputs and the state a rerun would resume from
-                for output in step.outputs:
-                    (paths.root / output).unlink(missing_ok=True)
-                for folder in step.scratch:
-                    shutil.rmtree(paths.root / folder, ignore_errors=True)
-            print(f"run_all: {step.name}: running ({step.notebook})", flush=True)
+            why = "--force" if args.force else status.reason
+            if args.force or status.restart:  # from scratch: outputs and what a rerun would resume from
+                clear_step(step, paths)
+                why += ", cleared its outputs" if not args.force else ""
+            # recorded before the step starts, so a killed step resumes only under the same fingerprint
+            write_state(paths.root, step.name, status.fingerprint, "running")
+            print(f"run_all: {step.name}: running ({step.notebook}; {why})", flush=True)
             row = run_step(step, paths, parameters, context, args.cell_timeout)
+            write_state(paths.root, step.name, status.fingerprint, "complete")
             print(f"run_all: {step.name}: done in {row['seconds']:.1f} s", flush=True)
         if not args.no_reports and not args.steps:
             reports_dir = (

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .ledger import now_iso, read_ledger
-from .store import RunPaths, read_json, read_jsonl
+from .store import RunPaths, atomic_write_text, read_json, read_jsonl
 
 METHOD_STEPS = {"sft_lora": "05_sft_lora", "prompt_tuning": "05b_prompt_tuning", "dpo": "06_dpo"}
 METHOD_LABELS = {
@@ -418,5 +418,5 @@ def write_index(
         f"<h2>Reports</h2><ul>{items}</ul></body></html>"
     )
     target = reports_dir / "index.html"
-    target.write_text(body, encoding="utf-8")
+    atomic_write_text(target, body)  # a kill leaves the old page or the new one, never half of one
     return target

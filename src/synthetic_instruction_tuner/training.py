@@ -337,10 +337,18 @@ def prompt_tuning_config(cfg: Config, tokenizer_path: Path) -> Any:
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint. The trainer writes trainer_state.json last and not atomically,
+    so a checkpoint killed while being saved lacks it, or has it torn: it is passed over."""
     folder = output_dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    found = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if path.name.removeprefix("checkpoint-").isdigit():
+            found.append((int(path.name.removeprefix("checkpoint-")), str(path)))
+    return max(found)[1] if found else None
 
 
 def _peak_memory_mb(device: str) -> dict[str, float]:
