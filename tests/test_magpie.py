@@ -3,7 +3,7 @@ import re
 import shutil
 
 import pytest
-from conftest import TEMPLATES, run_cli, template_tokenizer
+from conftest import run_cli, template_tokenizer
 
 from synthetic_instruction_tuner.errors import ChatTemplateError
 from synthetic_instruction_tuner.generation import chat_prompt_ids
@@ -107,18 +107,30 @@ def test_template_needing_extra_inputs_is_refused_naming_what_it_needs(kind, nee
         pre_query_ids(tokenizer, "org/tool-model")
     message = str(refused.value)
     assert "\n" not in message
-    assert message.startswith("org/tool-model: its chat template cannot render a lone user message")
-    assert f"it needs {needs}, which Magpie does not pass ({error}" in message
-    assert message.endswith("set models.generator to an instruct model whose chat template renders a plain user message")
+    assert message.startswith(
+        f"org/tool-model: its chat template needs {needs}, which Magpie does not pass ({error}"
+    )
+    assert message.endswith("); set models.generator to a model whose chat template needs only the messages")
+
+
+def test_template_failing_on_its_own_terms_is_refused_with_its_reason():
+    tokenizer = template_tokenizer("gemma")
+    tokenizer.chat_template = "{{ raise_exception('Only tool calls are supported') }}"
+    with pytest.raises(ChatTemplateError) as refused:
+        pre_query_text(tokenizer, "org/tool-model")
+    assert str(refused.value).startswith(
+        "org/tool-model: its chat template fails on the lone user message Magpie renders "
+        "(TemplateError: Only tool calls are supported, template line 1); "
+    )
 
 
 @pytest.mark.parametrize(
     ("kind", "family", "what"),
     [
-        ("empty", "gemma", "puts nothing before a user message's content"),
-        ("bos_only", "gemma", "puts only its BOS token '<bos>' before a user message's content"),
-        ("bos_only", "mistral", "puts only its BOS token '<s>' before a user message's content"),
-        ("system_only", "gemma", "puts only what it also writes for an empty conversation"),
+        ("empty", "gemma", "puts nothing before a user message"),
+        ("bos_only", "gemma", "puts only its BOS token '<bos>' before a user message"),
+        ("bos_only", "mistral", "puts only its BOS token '<s>' before a user message"),
+        ("system_only", "gemma", "puts only what it also writes for no messages"),
     ],
 )
 def test_pre_query_without_a_user_marker_is_refused(kind, family, what):
@@ -129,13 +141,16 @@ def test_pre_query_without_a_user_marker_is_refused(kind, family, what):
     message = str(refused.value)
     assert "\n" not in message
     assert message.startswith(f"org/plain-model: its chat template {what}")
-    assert "no user-turn marker" in message
+    assert message.endswith(
+        ", no user-turn marker for Magpie to sample after; "
+        "set models.generator to an instruct model whose chat template marks the user turn"
+    )
 
 
 def test_bos_written_by_a_template_without_one_is_no_user_marker():
     tokenizer = template_tokenizer("qwen2_5")  # no BOS token: "<s>" is plain text to it
     tokenizer.chat_template = UNUSABLE["bos_only"].replace("{{ bos_token }}", "<s>")
-    with pytest.raises(ChatTemplateError, match="only what it also writes for an empty conversation"):
+    with pytest.raises(ChatTemplateError, match="only what it also writes for no messages"):
         pre_query_text(tokenizer)
 
 
@@ -179,22 +194,46 @@ def _generator_with_template(tmp_path, template: str):
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
-        ("tools", "it needs 'tools', which Magpie does not pass (TypeError: 'NoneType' object is not iterable"),
-        ("empty", "its chat template puts nothing before a user message's content, no user-turn marker"),
-        ("bos_only", "its chat template puts only its BOS token '<|im_start|>' before a user message's content"),
+        (
+            "tools",
+            "its chat template needs 'tools', which Magpie does not pass (TypeError: 'NoneType' object "
+            "is not iterable, template line 3); set models.generator to a model whose chat template needs "
+            "only the messages (executed notebook: ",
+        ),
+        (
+            "empty",
+            "its chat template puts nothing before a user message, no user-turn marker for Magpie to "
+            "sample after; set models.generator to an instruct model whose chat template marks the user "
+            "turn (executed notebook: ",
+        ),
+        (
+            "bos_only",
+            "its chat template puts only its BOS token '<|im_start|>' before a user message, no user-turn "
+            "marker for Magpie to sample after; set models.generator to an instruct model whose chat "
+            "template marks the user turn (executed notebook: ",
+        ),
     ],
 )
 def test_step_01_refuses_an_unusable_template_in_one_line(tmp_path, kind, expected):
     generator = _generator_with_template(tmp_path, UNUSABLE[kind])
     run = tmp_path / "run"
     result = run_cli(
-        ["--profile", "smoke", "--run-dir", str(run), "--steps", "01", "--set", f"models.generator={generator}"],
+        [
+            "--profile",
+            "smoke",
+            "--run-dir",
+            str(run),
+            "--steps",
+            "01",
+            "--set",
+            f"models.generator={generator}",
+        ],
         timeout=300,
     )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("run_all: error: step 01_generate_instructions failed in cell")
-    assert f"ChatTemplateError: {generator}: " in line and expected in line
+    assert f"ChatTemplateError: {generator}: {expected}" in line  # whole, not cut at run_all's limit
     assert not (run / "data" / "instructions.jsonl").exists()
     assert not (run / "data" / "instructions_rejected.jsonl").exists()
 

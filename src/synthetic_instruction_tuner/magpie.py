@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .config import Config
 from .errors import ChatTemplateError, GenerationError
@@ -39,7 +38,9 @@ _LEAK_PATTERNS = [
 REJECTION_REASONS = ("empty", "truncated", "role_leakage", "fragment", "too_short", "too_long", "duplicate")
 
 
-_ADVICE = "set models.generator to an instruct model whose chat template renders a plain user message"
+# run_all shows a failed step's error in 300 characters: the advice is short and long details are cut.
+_NEEDS_ONLY_MESSAGES = "set models.generator to a model whose chat template needs only the messages"
+_MARKS_USER_TURN = "set models.generator to an instruct model whose chat template marks the user turn"
 
 
 def pre_query_text(tokenizer: Any, generator: str | None = None) -> str:
@@ -63,8 +64,8 @@ def pre_query_text(tokenizer: Any, generator: str | None = None) -> str:
         raise ChatTemplateError(_render_failure(name, tokenizer, exc)) from exc
     if SENTINEL not in rendered:
         raise ChatTemplateError(
-            f"{name}: its chat template dropped the user message, so no pre-query template can be derived; "
-            + _ADVICE
+            f"{name}: its chat template drops a lone user message, so there is no pre-query to derive; "
+            + _MARKS_USER_TURN
         )
     # A trailing space (Mistral's "[INST] ") would be tokenized as a lone space piece, which the model
     # never saw before a word; newlines are part of the header and stay.
@@ -89,13 +90,17 @@ def _check_user_marker(name: str, tokenizer: Any, text: str) -> None:
         # What the template writes for an empty conversation (a BOS, an always-present system turn)
         # is not a user-turn marker either; only what the user message adds is.
         empty = _render_empty(tokenizer)
-        added = text[len(os.path.commonprefix([text, empty])) :] if empty else text
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(text, empty, strict=False)) if a != b),
+            min(len(text), len(empty)),
+        )
+        added = text[shared:]
         if (added.replace(bos, "") if bos else added).strip():
             return
-        what = f"only what it also writes for an empty conversation ({text!r})"
+        what = f"only what it also writes for no messages ({_short(repr(text), 60)})"
     raise ChatTemplateError(
-        f"{name}: its chat template puts {what} before a user message's content, no user-turn marker for "
-        f"Magpie to sample a query after; {_ADVICE}"
+        f"{name}: its chat template puts {what} before a user message, no user-turn marker for Magpie "
+        f"to sample after; {_MARKS_USER_TURN}"
     )
 
 
@@ -120,7 +125,7 @@ _UNDEFINED = re.compile(r"^'(\w+)' is undefined$")
 
 def _render_failure(name: str, tokenizer: Any, exc: Exception) -> str:
     """One line: the generator, what its template needs, and the template's own error."""
-    detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+    detail = _short(f"{type(exc).__name__}: {exc}", 90)
     lineno, needs = _failing_line_inputs(tokenizer, exc)
     if lineno is not None:
         detail += f", template line {lineno}"
@@ -128,13 +133,15 @@ def _render_failure(name: str, tokenizer: Any, exc: Exception) -> str:
     if match:
         needs = [match.group(1)]
     if needs:
-        reason = f"it needs {' or '.join(repr(n) for n in needs)}, which Magpie does not pass"
+        what = f"needs {' or '.join(repr(n) for n in needs)}, which Magpie does not pass"
     else:
-        reason = "it fails"
-    return (
-        f"{name}: its chat template cannot render a lone user message, which Magpie needs to derive the "
-        f"pre-query: {reason} ({detail}); {_ADVICE}"
-    )
+        what = "fails on the lone user message Magpie renders"
+    return f"{name}: its chat template {what} ({detail}); {_NEEDS_ONLY_MESSAGES}"
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _failing_line_inputs(tokenizer: Any, exc: Exception) -> tuple[int | None, list[str]]:
@@ -176,7 +183,7 @@ def _free_variables(template: str) -> set[str]:
     from jinja2.ext import Extension, loopcontrols
 
     class Generation(Extension):  # transformers' {% generation %} block, parsed as a plain body
-        tags = {"generation"}
+        tags: ClassVar[set[str]] = {"generation"}
 
         def parse(self, parser: Any) -> Any:
             next(parser.stream)
