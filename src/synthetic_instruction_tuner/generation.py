@@ -316,8 +316,8 @@ def encode_rendered(tokenizer: Any, text: str) -> list[int]:
     """
     bos_text = tokenizer.bos_token
     if bos_text and text[:1].isspace() and text.lstrip().startswith(bos_text):
-        # A template that writes whitespace before its BOS (a block tag on its first line without `-`
-        # trimming) would leave the BOS second, and the tokenizer's own BOS in front would double it.
+        # A template that writes whitespace before its BOS (a newline at its top outside any trimmed
+        # tag) would leave the BOS second, and the tokenizer's own BOS in front would double it.
         # Nothing precedes BOS in pretraining or alignment, so the whitespace goes, not the BOS.
         text = text.lstrip()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
