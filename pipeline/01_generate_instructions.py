@@ -44,7 +44,7 @@ print(
 
 # %%
 engine = load_engine(ctx.cfg, ctx.device)
-print(repr(magpie.pre_query_text(engine.tokenizer)))
+print(repr(magpie.pre_query_text(engine.tokenizer, ctx.cfg.models.generator)))
 
 # %% [markdown]
 # ## Sampling

@@ -39,7 +39,7 @@ def bench_generation(profile: str, overrides: list[str], num_outputs: int | None
     engine.show_progress = False
     n = num_outputs or 2 * cfg.engine.batch_size
     sampling = cfg.magpie.sampling
-    prompt = pre_query_ids(engine.tokenizer)
+    prompt = pre_query_ids(engine.tokenizer, cfg.models.generator)
     stop = set(engine.stop_ids)
     print(
         f"model {cfg.models.generator} ({cfg.hardware.generation_dtype}, {device}), workload: step 01 Magpie, "

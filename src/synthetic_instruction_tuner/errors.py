@@ -21,3 +21,8 @@ class ModelError(PipelineError):
 
 class GenerationError(PipelineError):
     """Generation could not make progress even at batch size 1."""
+
+
+class ChatTemplateError(PipelineError):
+    """The generator's chat template cannot give Magpie a pre-query: it fails on a lone user message,
+    or puts no user-turn marker before the message's content."""

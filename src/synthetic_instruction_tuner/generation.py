@@ -314,6 +314,12 @@ def encode_rendered(tokenizer: Any, text: str) -> list[int]:
     The template usually writes the BOS itself; tokenizers that also add one automatically would
     double it, which measurably degrades Llama-3 and Gemma outputs.
     """
+    bos_text = tokenizer.bos_token
+    if bos_text and text[:1].isspace() and text.lstrip().startswith(bos_text):
+        # A template that writes whitespace before its BOS (a newline at its top outside any trimmed
+        # tag) would leave the BOS second, and the tokenizer's own BOS in front would double it.
+        # Nothing precedes BOS in pretraining or alignment, so the whitespace goes, not the BOS.
+        text = text.lstrip()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and _adds_bos(tokenizer) and (not ids or ids[0] != bos):

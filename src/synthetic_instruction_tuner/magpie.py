@@ -15,10 +15,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .config import Config
-from .errors import GenerationError
+from .errors import ChatTemplateError, GenerationError
 from .generation import Completion, GenerationEngine, Request, encode_rendered
 from .store import JsonlAppender, check_resumable
 
@@ -38,28 +38,162 @@ _LEAK_PATTERNS = [
 REJECTION_REASONS = ("empty", "truncated", "role_leakage", "fragment", "too_short", "too_long", "duplicate")
 
 
-def pre_query_text(tokenizer: Any) -> str:
-    """The template's text up to where a user message's content starts."""
+# run_all shows a failed step's error in 300 characters: the advice is short and long details are cut.
+_NEEDS_ONLY_MESSAGES = "set models.generator to a model whose chat template needs only the messages"
+_MARKS_USER_TURN = "set models.generator to an instruct model whose chat template marks the user turn"
+
+
+def pre_query_text(tokenizer: Any, generator: str | None = None) -> str:
+    """The template's text up to where a user message's content starts.
+
+    Refused with a `ChatTemplateError` naming `generator` (default: the tokenizer's path) when the
+    template needs inputs Magpie cannot give (tools, documents, custom variables), or when what it
+    writes before the content holds no user-turn marker: nothing at all, only the BOS, or only what
+    it writes for an empty conversation. Sampling from such a prefix gives text, not user queries.
+    """
+    name = generator or getattr(tokenizer, "name_or_path", None) or "the generator"
     if not getattr(tokenizer, "chat_template", None):
-        raise GenerationError(
-            f"{getattr(tokenizer, 'name_or_path', 'the generator')} has no chat template: Magpie needs an "
-            "instruct model (set models.generator to one)"
+        raise ChatTemplateError(
+            f"{name} has no chat template: Magpie needs an instruct model (set models.generator to one)"
         )
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": SENTINEL}], tokenize=False, add_generation_prompt=False
-    )
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": SENTINEL}], tokenize=False, add_generation_prompt=False
+        )
+    except Exception as exc:  # a chat template is a program shipped with the model: any failure is its own
+        raise ChatTemplateError(_render_failure(name, tokenizer, exc)) from exc
     if SENTINEL not in rendered:
-        raise GenerationError(
-            "the chat template dropped the user message; cannot derive a pre-query template"
+        raise ChatTemplateError(
+            f"{name}: its chat template drops a lone user message, so there is no pre-query to derive; "
+            + _MARKS_USER_TURN
         )
     # A trailing space (Mistral's "[INST] ") would be tokenized as a lone space piece, which the model
     # never saw before a word; newlines are part of the header and stay.
-    return rendered.split(SENTINEL, 1)[0].rstrip(" ")
+    text = rendered.split(SENTINEL, 1)[0].rstrip(" ")
+    _check_user_marker(name, tokenizer, text)
+    return text
 
 
-def pre_query_ids(tokenizer: Any) -> list[int]:
+def pre_query_ids(tokenizer: Any, generator: str | None = None) -> list[int]:
     """Token ids of the pre-query template, with exactly one BOS."""
-    return encode_rendered(tokenizer, pre_query_text(tokenizer))
+    return encode_rendered(tokenizer, pre_query_text(tokenizer, generator))
+
+
+def _check_user_marker(name: str, tokenizer: Any, text: str) -> None:
+    """Refuse a pre-query with nothing in it that marks a user turn."""
+    bos = tokenizer.bos_token or ""
+    if not text.strip():
+        what = f"nothing ({text!r})" if text else "nothing"
+    elif bos and not text.replace(bos, "").strip():
+        what = f"only its BOS token {bos!r}"
+    else:
+        # What the template writes for an empty conversation (a BOS, an always-present system turn)
+        # is not a user-turn marker either; only what the user message adds is.
+        empty = _render_empty(tokenizer)
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(text, empty, strict=False)) if a != b),
+            min(len(text), len(empty)),
+        )
+        added = text[shared:]
+        if (added.replace(bos, "") if bos else added).strip():
+            return
+        what = f"only what it also writes for no messages ({_short(repr(text), 60)})"
+    raise ChatTemplateError(
+        f"{name}: its chat template puts {what} before a user message, no user-turn marker for Magpie "
+        f"to sample after; {_MARKS_USER_TURN}"
+    )
+
+
+def _render_empty(tokenizer: Any) -> str:
+    """The template rendered with no messages, or "" when it cannot render that (most index messages[0])."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(
+            conversations=[[]],
+            chat_template=tokenizer.get_chat_template(),
+            add_generation_prompt=False,
+            **tokenizer.special_tokens_map,
+        )
+        return rendered[0]
+    except Exception:  # optional evidence: without it only the empty and BOS-only checks apply
+        return ""
+
+
+_UNDEFINED = re.compile(r"^'(\w+)' is undefined$")
+
+
+def _render_failure(name: str, tokenizer: Any, exc: Exception) -> str:
+    """One line: the generator, what its template needs, and the template's own error."""
+    detail = _short(f"{type(exc).__name__}: {exc}", 90)
+    lineno, needs = _failing_line_inputs(tokenizer, exc)
+    if lineno is not None:
+        detail += f", template line {lineno}"
+    match = _UNDEFINED.match(str(exc).strip())
+    if match:
+        needs = [match.group(1)]
+    if needs:
+        what = f"needs {' or '.join(repr(n) for n in needs)}, which Magpie does not pass"
+    else:
+        what = "fails on the lone user message Magpie renders"
+    return f"{name}: its chat template {what} ({detail}); {_NEEDS_ONLY_MESSAGES}"
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _failing_line_inputs(tokenizer: Any, exc: Exception) -> tuple[int | None, list[str]]:
+    """The template line that failed, and the template inputs on it that were missing or None.
+
+    jinja2 puts a frame named "<template>" into the traceback at the failing line, with the template's
+    variables as its locals; transformers passes `tools` and `documents` as None when not given.
+    """
+    import jinja2
+
+    tb, frame = exc.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            frame = tb
+        tb = tb.tb_next
+    if frame is None:
+        return None, []
+    try:
+        template = tokenizer.get_chat_template()
+        lines = template.splitlines()
+        line = lines[frame.tb_lineno - 1] if 0 < frame.tb_lineno <= len(lines) else ""
+        line = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", "''", line)  # not string literals
+        inputs, variables = _free_variables(template), frame.tb_frame.f_locals
+        names = dict.fromkeys(re.findall(r"(?<![\w.])[A-Za-z_]\w*", line))  # not attributes
+        needs = [
+            n
+            for n in names
+            if n in inputs and (variables.get(n) is None or isinstance(variables[n], jinja2.Undefined))
+        ]
+    except Exception:  # only a better message was at stake
+        needs = []
+    return frame.tb_lineno, needs
+
+
+def _free_variables(template: str) -> set[str]:
+    """Names the template reads without defining them, i.e. its inputs."""
+    import jinja2
+    from jinja2 import meta
+    from jinja2.ext import Extension, loopcontrols
+
+    class Generation(Extension):  # transformers' {% generation %} block, parsed as a plain body
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    try:
+        env = jinja2.Environment(extensions=[loopcontrols, Generation])
+        return meta.find_undeclared_variables(env.parse(template))
+    except jinja2.TemplateError:
+        return set()
 
 
 def normalize(text: str) -> str:
@@ -99,8 +233,10 @@ def generate_instructions(
 
     Resumable: both files are append-only, sample indices continue after the highest one on disk,
     and an instruction already accepted is never written twice. Rejected samples go to
-    `rejected_path` with their reason, for the report.
+    `rejected_path` with their reason, for the report. A chat template that cannot give a pre-query
+    is refused before either file is opened.
     """
+    prompt = pre_query_ids(engine.tokenizer, cfg.models.generator)
     with (
         JsonlAppender(out_path, required=("instruction", "sample")) as accepted,
         JsonlAppender(rejected_path, required=("sample", "reason")) as rejected,
@@ -108,15 +244,18 @@ def generate_instructions(
         check_resumable(
             accepted, {"generator": cfg.models.generator, "sampling": asdict(cfg.magpie.sampling)}
         )
-        return _generate(engine, cfg, accepted, rejected)
+        return _generate(engine, cfg, prompt, accepted, rejected)
 
 
 def _generate(
-    engine: GenerationEngine, cfg: Config, accepted: JsonlAppender, rejected: JsonlAppender
+    engine: GenerationEngine,
+    cfg: Config,
+    prompt: list[int],
+    accepted: JsonlAppender,
+    rejected: JsonlAppender,
 ) -> dict[str, Any]:
     wanted = cfg.counts.instructions
     m = cfg.magpie
-    prompt = pre_query_ids(engine.tokenizer)
     max_samples = math.ceil(wanted * m.max_attempts_factor)
     seen = {normalize(r["instruction"]) for r in accepted.records}
     next_index = 1 + max((r["sample"] for r in (*accepted.records, *rejected.records)), default=-1)
