@@ -35,6 +35,7 @@ from .config import Config
 from .errors import PipelineError
 from .models import resolve_model
 from .store import RunPaths, read_json, read_jsonl, write_json, write_jsonl
+from .watchdog import beat, watch_forward
 
 METHODS = ("base", "sft_lora", "prompt_tuning", "dpo")
 TASK_TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
@@ -125,8 +126,15 @@ def _adapter_lm_class() -> type:
 
         endings: dict[str, int]
 
+        def _heartbeat(self, doing: str) -> Any:
+            size = getattr(self, "batch_size_per_gpu", None)
+            return watch_forward(
+                self.model, doing, kind="evaluate", batch_setting="evaluation.batch_size", batch_size=size
+            )
+
         def _model_generate(self, context: Any, max_length: int, stop: list[str], **kwargs: Any) -> Any:
-            output = super()._model_generate(context, max_length, stop, **kwargs)
+            with self._heartbeat(f"evaluating: generating for {context.shape[0]} prompts"):
+                output = super()._model_generate(context, max_length, stop, **kwargs)
             counts = count_endings(
                 output[:, context.shape[1] :], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
             )
@@ -137,7 +145,8 @@ def _adapter_lm_class() -> type:
             return output
 
         def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
-            logits = super()._model_call(inps, attn_mask, labels)
+            with self._heartbeat(f"evaluating: scoring {inps.shape[0]} sequences"):
+                logits = super()._model_call(inps, attn_mask, labels)
             virtual = getattr(getattr(self.model, "active_peft_config", None), "num_virtual_tokens", 0) or 0
             is_prompt_learning = getattr(
                 getattr(self.model, "active_peft_config", None), "is_prompt_learning", False
@@ -208,11 +217,13 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
         manager = TaskManager(include_path=str(prepare_local_tasks(cfg, paths)))
     else:
         manager = TaskManager()
+    beat(f"evaluating {method}: loading the model", kind="evaluate", loading=True)
     lm = make_lm(cfg, paths, method, device)
     chat = e.mode == "local" or method != "base"
     merged: dict[str, Any] = {}
     samples: dict[str, list[dict[str, Any]]] = {}
     for tasks, fewshot in _task_groups(cfg):
+        beat(f"evaluating {method}: building {', '.join(tasks)}", kind="evaluate", loading=True)
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,

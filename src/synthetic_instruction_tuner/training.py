@@ -28,6 +28,7 @@ from .config import Config
 from .errors import PipelineError
 from .models import load_tokenizer, parameter_counts, quantization_config, resolve_model, torch_dtype
 from .store import RunPaths, read_jsonl, write_json
+from .watchdog import trainer_callback
 
 METHODS = ("sft_lora", "prompt_tuning", "dpo")
 
@@ -397,6 +398,7 @@ def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> d
     )
     if cfg.hardware.dense_lm_head:
         use_dense_lm_head(trainer)
+    trainer.add_callback(trainer_callback())  # the watchdog's heartbeat
     resume = last_checkpoint(output_dir)
     base_file = output_dir / "base_eval.json"
     if not base_file.exists():
@@ -472,6 +474,7 @@ def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     )
     if cfg.hardware.dense_lm_head:
         use_dense_lm_head(trainer)
+    trainer.add_callback(trainer_callback())  # the watchdog's heartbeat
     resume = last_checkpoint(output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate()
