@@ -268,6 +268,8 @@ class HeartbeatWatch:
     def __enter__(self) -> HeartbeatWatch:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)
+        for leftover in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # from a kernel killed mid-beat
+            leftover.unlink(missing_ok=True)
         self.started = time.time()
         self._thread.start()
         return self
