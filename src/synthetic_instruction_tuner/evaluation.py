@@ -211,13 +211,14 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
     from lm_eval.tasks import TaskManager
 
     e = cfg.evaluation
+    # lm-eval's task index (thousands of YAML files) and the model load take a while
+    beat(f"evaluating {method}: indexing tasks, loading the model", kind="evaluate", loading=True)
     if e.mode == "local":
         import synthetic_instruction_tuner.eval_tasks  # noqa: F401 - punkt_tab before lm-eval's IFEval import
 
         manager = TaskManager(include_path=str(prepare_local_tasks(cfg, paths)))
     else:
         manager = TaskManager()
-    beat(f"evaluating {method}: loading the model", kind="evaluate", loading=True)
     lm = make_lm(cfg, paths, method, device)
     chat = e.mode == "local" or method != "base"
     merged: dict[str, Any] = {}

@@ -188,7 +188,7 @@ def run_step(
             context["units_per_hour"],
             peak_gpu_mb=float(last.get("peak_gpu_mb") or 0.0),
         )
-        row["attempt"] = attempt
+        row.update(attempt=attempt, longest_quiet_s=round(watch.longest_quiet_s, 1))
         if stall is None:
             append_row(paths.ledger, row)
             if error is not None:

@@ -231,6 +231,7 @@ class HeartbeatWatch:
         self.poll_s = poll_s
         self.started = time.time()
         self.stall: Stall | None = None
+        self.longest_quiet_s = 0.0  # longest silence seen under stall_s: how close the step came to it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat-watch")
 
@@ -255,6 +256,8 @@ class HeartbeatWatch:
             )
             message = str(last.get("message", ""))
         quiet = now - since
+        if limit == "watchdog.stall_s":
+            self.longest_quiet_s = max(self.longest_quiet_s, quiet)
         return Stall(message, quiet, limit, limit_s, last) if quiet > limit_s else None
 
     def _run(self) -> None:
