@@ -202,6 +202,15 @@ class EvaluationConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    stall_s: float = 600.0  # a step whose heartbeat is quiet this long is killed and restarted
+    startup_s: float = (
+        1800.0  # allowance before the first heartbeat and after a loading one (models, first batch)
+    )
+    max_restarts: int = 2  # restarts of a stalled step before the run stops
+
+
+@dataclass
 class Config:
     profile: str
     seed: int
@@ -218,6 +227,7 @@ class Config:
     prompt_tuning: PromptTuningConfig
     dpo: DpoConfig
     evaluation: EvaluationConfig
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -401,3 +411,8 @@ def _check_consistency(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: counts.sft_target exceeds counts.instructions")
     if cfg.engine.batch_size < 1:
         raise ConfigError(f"{source}: engine.batch_size must be at least 1")
+    w = cfg.watchdog
+    if w.stall_s <= 0 or w.startup_s <= 0:
+        raise ConfigError(f"{source}: watchdog.stall_s and watchdog.startup_s must be positive seconds")
+    if w.max_restarts < 0:
+        raise ConfigError(f"{source}: watchdog.max_restarts must be 0 or more")

@@ -38,6 +38,7 @@ from typing import Any
 from .config import Config
 from .errors import PipelineError
 from .store import RunPaths, read_json, read_jsonl, write_json, write_jsonl
+from .watchdog import beat, watch_forward
 
 METHODS = ("base", "sft_lora", "prompt_tuning", "dpo")
 TASK_TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
@@ -128,8 +129,15 @@ def _adapter_lm_class() -> type:
 
         endings: dict[str, int]
 
+        def _heartbeat(self, doing: str) -> Any:
+            size = getattr(self, "batch_size_per_gpu", None)
+            return watch_forward(
+                self.model, doing, kind="evaluate", batch_setting="evaluation.batch_size", batch_size=size
+            )
+
         def _model_generate(self, context: Any, max_length: int, stop: list[str], **kwargs: Any) -> Any:
-            output = super()._model_generate(context, max_length, stop, **kwargs)
+            with self._heartbeat(f"evaluating: generating for {context.shape[0]} prompts"):
+                output = super()._model_generate(context, max_length, stop, **kwargs)
             counts = count_endings(
                 output[:, context.shape[1] :], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
             )
@@ -140,7 +148,8 @@ def _adapter_lm_class() -> type:
             return output
 
         def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
-            logits = super()._model_call(inps, attn_mask, labels)
+            with self._heartbeat(f"evaluating: scoring {inps.shape[0]} sequences"):
+                logits = super()._model_call(inps, attn_mask, labels)
             virtual = getattr(getattr(self.model, "active_peft_config", None), "num_virtual_tokens", 0) or 0
             is_prompt_learning = getattr(
                 getattr(self.model, "active_peft_config", None), "is_prompt_learning", False
@@ -224,6 +233,8 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
     todo = [(task, fewshot) for task, fewshot in _tasks(cfg) if records[task] is None]
     if todo:
         print(f"evaluating {method}: {', '.join(t for t, _ in todo)} ...", flush=True)
+        # lm-eval's task index (thousands of YAML files) and the model load take a while
+        beat(f"evaluating {method}: indexing tasks, loading the model", kind="evaluate", loading=True)
         if e.mode == "local":
             import synthetic_instruction_tuner.eval_tasks  # noqa: F401 - punkt_tab before lm-eval's IFEval import
 
@@ -232,6 +243,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             manager = TaskManager()
         lm = make_lm(cfg, paths, method, device)
     for task, fewshot in todo:
+        beat(f"evaluating {method}: building {task}", kind="evaluate", loading=True)
         before = dict(getattr(lm, "endings", {}))
         out = lm_eval.simple_evaluate(
             model=lm,

@@ -12,6 +12,8 @@ What it adds to a plain `generate` loop, and why:
 * **A watchdog.** Each batch has a deadline, checked after every decoding step. A batch that misses
   it is abandoned and its prompts are retried at half the batch size; a CUDA out-of-memory error
   halves the batch too. At batch size 1 a further timeout is an error rather than a silent hang.
+  A forward pass that never returns is beyond any in-process check: the engine beats a heartbeat
+  after every forward pass and batch, and the orchestrator's watchdog (`watchdog.py`) restarts the step.
 * **Stops on every end or role token** of the chat template, so a completion never runs into a
   fabricated next turn, and records whether it ended on such a token or at the length limit.
 * **Deterministic seeds per batch**, so rerunning a profile from scratch reproduces its data.
@@ -31,6 +33,7 @@ from typing import Any
 
 from .config import SamplingConfig
 from .errors import GenerationError
+from .watchdog import beat, watch_forward
 
 
 @dataclass
@@ -236,6 +239,7 @@ class GenerationEngine:
             queue.extend(_chunks(group, self.batch_size))
         bar = tqdm(total=len(requests), desc=desc, unit="seq", disable=not self.show_progress)
         started = time.monotonic()
+        done = 0
         try:
             while queue:
                 batch = queue.popleft()
@@ -243,8 +247,17 @@ class GenerationEngine:
                     queue.extendleft(reversed(_chunks(batch, self.batch_size)))
                     continue
                 seed = batch_seed(self.seed, batch[0].id, len(batch))
+                progress = {
+                    "kind": "generate",
+                    "batch_setting": "engine.batch_size",
+                    "batch_size": self.batch_size,
+                }
+                doing = f"{desc}: a batch of {len(batch)} ({done} of {len(requests)} done)"
+                # the first batch may compile kernels and size caches: it gets the startup allowance
+                beat(doing, loading=not self.stats.batches, force=True, **progress)
                 try:
-                    completions, _ = self._generate(batch, seed)
+                    with watch_forward(self.model, doing, fault="generate_hang", **progress):
+                        completions, _ = self._generate(batch, seed)
                 except Exception as exc:
                     if not _is_oom(exc):
                         raise
@@ -279,6 +292,8 @@ class GenerationEngine:
                 self.stats.seconds = time.monotonic() - started
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}", bs=self.batch_size)
+                done += len(batch)
+                beat(f"{desc}: {done} of {len(requests)} done", force=True, **progress)
                 yield list(zip(batch, completions, strict=True))
         finally:
             bar.close()

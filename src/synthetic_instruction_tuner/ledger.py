@@ -1,7 +1,10 @@
 """The run ledger: one row per step run with its time, peak memory, device and compute units.
 
 Timing comes from the orchestrator, not from timers in cells: it watches the step's kernel process
-tree from outside (RSS through psutil, GPU memory through nvidia-smi) while papermill executes it.
+tree from outside (RSS through psutil) while papermill executes it. GPU memory comes from inside the
+kernel (`peak_gpu_mb`: `torch.cuda.max_memory_allocated`, carried by the step's heartbeat), since
+per-process GPU accounting (nvidia-smi's process list) is empty inside containers such as Colab's;
+`peak_gpu_device_mb` is the device's used memory (pynvml or nvidia-smi), CUDA context and cache included.
 """
 
 from __future__ import annotations
@@ -41,49 +44,61 @@ def device_description(device: str) -> str:
     return f"cpu: {platform.machine()}, {os.cpu_count()} cores"
 
 
-def _gpu_memory_mb(pids: set[int]) -> float:
+def _gpu_device_memory_mb() -> float:
+    """Memory in use on every GPU of the machine (all processes), or 0.0 where there is none."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return (
+                sum(
+                    pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used
+                    for i in range(pynvml.nvmlDeviceGetCount())
+                )
+                / 2**20
+            )
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # not installed, or no driver: nvidia-smi, then nothing
+        pass
     if not shutil.which("nvidia-smi"):
         return 0.0
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return 0.0
-    total = 0.0
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) in pids:
-            total += float(parts[1])
-    return total
+    return sum(float(line) for line in out.split() if line.replace(".", "", 1).isdigit())
 
 
 class ResourceMonitor:
-    """Samples the peak memory of this process's children (the papermill kernel and its workers)."""
+    """Samples the peak memory of this process's children (the papermill kernel and its workers) and
+    of the GPUs while they run."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.peak_rss_mb = 0.0
-        self.peak_gpu_mb = 0.0
+        self.peak_gpu_device_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         me = psutil.Process()
         rss = 0
-        pids = set()
-        for child in me.children(recursive=True):
+        children = me.children(recursive=True)
+        for child in children:
             try:
                 rss += child.memory_info().rss
-                pids.add(child.pid)
             except psutil.Error:
                 continue
         self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
-        if pids:
-            self.peak_gpu_mb = max(self.peak_gpu_mb, _gpu_memory_mb(pids))
+        if children:
+            self.peak_gpu_device_mb = max(self.peak_gpu_device_mb, _gpu_device_memory_mb())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -116,7 +131,9 @@ def step_row(
     monitor: ResourceMonitor,
     device: str,
     units_per_hour: float,
+    peak_gpu_mb: float = 0.0,
 ) -> dict[str, Any]:
+    """`peak_gpu_mb`: the kernel's own peak (its heartbeat's), 0 on a CPU."""
     seconds = ended - started
     return {
         "run_id": run_id,
@@ -127,7 +144,8 @@ def step_row(
         "end": datetime.fromtimestamp(ended, UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 2),
         "peak_rss_mb": round(monitor.peak_rss_mb, 1),
-        "peak_gpu_mb": round(monitor.peak_gpu_mb, 1),
+        "peak_gpu_mb": round(peak_gpu_mb, 1),
+        "peak_gpu_device_mb": round(monitor.peak_gpu_device_mb, 1),
         "device": device,
         "compute_units_per_hour": units_per_hour,
         "compute_units": round(seconds / 3600 * units_per_hour, 4),

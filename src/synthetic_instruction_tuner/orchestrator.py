@@ -4,6 +4,9 @@ Each step file is read with jupytext, executed in a fresh kernel with the profil
 injected after its `parameters` cell, and saved executed under `<run dir>/notebooks/`. A step whose
 outputs are complete and up to date is skipped; the first failure stops the run with one line naming
 the step, the cell and the error. Every executed step appends a row to `<run dir>/ledger.jsonl`.
+
+Each step runs under the watchdog (`watchdog.py`): a step whose heartbeat goes quiet is killed with
+its kernel's process group, recorded as "stalled" in the ledger, and restarted.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import PROFILES, REPO_ROOT, Config, load_config
+from .config import PROFILES, REPO_ROOT, Config, WatchdogConfig, load_config
 from .errors import PipelineError
 from .fingerprints import clear_state, write_state
+from .kernels import forget_kernels, kernel_manager_class, kernels_die_with_run, kill_kernels
 from .ledger import ResourceMonitor, append_row, device_description, new_run_id, step_row
 from .steps import PIPELINE, Step, default_run_dir, existing_steps, pipeline_status, step_status
 from .store import JsonlAppender, RunPaths, atomic_write_text, run_paths
+from .watchdog import HEARTBEAT_ENV, STEP_ENV, HeartbeatWatch, Stall
 
 ANALYSIS = ("analysis/compute_costs.py", "analysis/method_comparison.py")
 
@@ -33,6 +38,10 @@ class StepFailed(PipelineError):
 
 class ReportFailed(PipelineError):
     pass
+
+
+class StepStalled(PipelineError):
+    """A step made no progress after every restart the watchdog allows."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,43 +112,36 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _ipc_kernel_manager() -> type:
-    """A kernel manager on local IPC sockets: no TCP ports, and no "running over TCP" warning on stderr."""
-    import tempfile
-    import uuid
-
-    from jupyter_client.manager import AsyncKernelManager
-
-    class IpcKernelManager(AsyncKernelManager):
-        def __init__(self, **kwargs: Any) -> None:
-            kwargs.setdefault("transport", "ipc")
-            kwargs.setdefault("ip", str(Path(tempfile.gettempdir()) / f"sit-kernel-{uuid.uuid4().hex[:8]}"))
-            super().__init__(**kwargs)
-
-    return IpcKernelManager
-
-
 def execute_notebook(
-    source: Path, output: Path, parameters: dict[str, Any], cell_timeout: float | None = None
+    source: Path,
+    output: Path,
+    parameters: dict[str, Any],
+    cell_timeout: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> None:
-    """Execute a percent-format file with papermill (papermill cannot read .py itself)."""
+    """Execute a percent-format file with papermill (papermill cannot read .py itself), in a kernel
+    with `env` added to its environment that dies with this process."""
     import jupytext
     import papermill as pm
 
     notebook = jupytext.read(source)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     output.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(
-        notebook,
-        str(output),
-        parameters=parameters,
-        kernel_name="python3",
-        cwd=str(REPO_ROOT),
-        log_output=True,
-        progress_bar=False,
-        execution_timeout=cell_timeout,
-        kernel_manager_class=_ipc_kernel_manager(),
-    )
+    try:
+        with kernels_die_with_run():
+            pm.execute_notebook(
+                notebook,
+                str(output),
+                parameters=parameters,
+                kernel_name="python3",
+                cwd=str(REPO_ROOT),
+                log_output=True,
+                progress_bar=False,
+                execution_timeout=cell_timeout,
+                kernel_manager_class=kernel_manager_class(env),
+            )
+    finally:
+        forget_kernels()
 
 
 def _failure_message(name: str, exc: Exception, output: Path) -> str:
@@ -160,19 +162,32 @@ def run_step(
     parameters: dict[str, Any],
     context: dict[str, Any],
     cell_timeout: float | None = None,
+    watchdog: WatchdogConfig | None = None,
 ) -> dict[str, Any]:
-    """Execute one step, append its ledger row, and raise StepFailed on error."""
+    """Execute one step under the watchdog and append a ledger row per attempt.
+
+    A stall (no heartbeat for `watchdog.stall_s`) kills the kernel's process group and restarts the
+    step, which resumes from its JSONL or checkpoint; a restart halves the batch setting the stalled
+    work reported. Raises StepStalled after `watchdog.max_restarts` restarts, StepFailed on an error.
+    """
+    watchdog = watchdog or WatchdogConfig()
     output = paths.notebooks / f"{step.name}.ipynb"
-    started = time.time()
-    status, error = "ok", None
-    with ResourceMonitor() as monitor:
-        try:
-            execute_notebook(step.path, output, parameters, cell_timeout)
-        except Exception as exc:
-            status, error = "failed", exc
-    row = append_row(
-        paths.ledger,
-        step_row(
+    heartbeat = paths.root / "heartbeat" / f"{step.name}.json"
+    env = {HEARTBEAT_ENV: str(heartbeat), STEP_ENV: step.name}
+    overrides = list(parameters.get("overrides", []))
+    for attempt in range(1, watchdog.max_restarts + 2):
+        started = time.time()
+        error = None
+        watch = HeartbeatWatch(heartbeat, watchdog.stall_s, watchdog.startup_s, on_stall=kill_kernels)
+        with ResourceMonitor() as monitor, watch:
+            try:
+                execute_notebook(step.path, output, {**parameters, "overrides": overrides}, cell_timeout, env)
+            except Exception as exc:
+                error = exc
+        stall = watch.stall if error is not None else None
+        status = "ok" if error is None else ("stalled" if stall else "failed")
+        last = watch.read() or {}
+        row = step_row(
             context["run_id"],
             step.name,
             context["profile"],
@@ -182,11 +197,52 @@ def run_step(
             monitor,
             context["device"],
             context["units_per_hour"],
-        ),
+            peak_gpu_mb=float(last.get("peak_gpu_mb") or 0.0),
+        )
+        row.update(attempt=attempt, longest_quiet_s=round(watch.longest_quiet_s, 1))
+        if stall is None:
+            append_row(paths.ledger, row)
+            if error is not None:
+                raise StepFailed(_failure_message(step.name, error, output)) from error
+            return row
+        shrink = _smaller_batch(stall)
+        row.update(
+            stalled=stall.message, quiet_s=round(stall.quiet_s, 1), limit=f"{stall.limit}={stall.limit_s:g}"
+        )
+        if attempt > watchdog.max_restarts:
+            append_row(paths.ledger, row)
+            raise StepStalled(_stall_message(step.name, stall, attempt, watchdog))
+        if shrink:
+            overrides.append(shrink)
+            row["restart_with"] = shrink
+        append_row(paths.ledger, row)
+        print(
+            f"run_all: {step.name}: stalled (no heartbeat for {stall.quiet_s:.0f} s after: {stall.message}); "
+            f"killed its kernel, restarting ({attempt} of {watchdog.max_restarts})"
+            + (f" with {shrink}" if shrink else ""),
+            flush=True,
+        )
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _smaller_batch(stall: Stall) -> str | None:
+    """`SETTING=half` for the batch setting the stalled work reported (e.g. engine.batch_size)."""
+    beat = stall.heartbeat or {}
+    setting, size = beat.get("batch_setting"), beat.get("batch_size")
+    if not setting or not isinstance(size, int) or size <= 1:
+        return None
+    return f"{setting}={size // 2}"
+
+
+def _stall_message(name: str, stall: Stall, attempts: int, watchdog: WatchdogConfig) -> str:
+    beat = stall.heartbeat or {}
+    advice = f"raise {stall.limit} if the step is only slow"
+    if beat.get("batch_setting"):
+        advice = f"lower {beat['batch_setting']} (last {beat.get('batch_size')}) or " + advice
+    return (
+        f"step {name} stalled {attempts} times (watchdog.max_restarts={watchdog.max_restarts}): no heartbeat "
+        f"for {stall.limit_s:g} s ({stall.limit}) after: {_one_line(stall.message, 120)}; {advice}"
     )
-    if error is not None:
-        raise StepFailed(_failure_message(step.name, error, output)) from error
-    return row
 
 
 def clear_step(step: Step, paths: RunPaths) -> None:
@@ -291,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             # recorded before the step starts, so a killed step resumes only under the same fingerprint
             write_state(paths.root, step.name, status.fingerprint, "running")
             print(f"run_all: {step.name}: running ({step.notebook}; {why})", flush=True)
-            row = run_step(step, paths, parameters, context, args.cell_timeout)
+            row = run_step(step, paths, parameters, context, args.cell_timeout, cfg.watchdog)
             write_state(paths.root, step.name, status.fingerprint, "complete")
             print(f"run_all: {step.name}: done in {row['seconds']:.1f} s", flush=True)
         if not args.no_reports and not args.steps:

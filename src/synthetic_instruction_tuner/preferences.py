@@ -32,6 +32,7 @@ from .errors import PipelineError
 from .generation import Completion, GenerationEngine, Request, chat_prompt_ids
 from .responses import generation_messages, user_turn
 from .store import JsonlAppender, RunPaths, check_resumable, read_jsonl, write_json, write_jsonl
+from .watchdog import beat
 
 SKIP_REASONS = ("tie", "small_margin", "unscored", "too_few_samples")
 
@@ -104,6 +105,7 @@ class RewardScorer:
     def __init__(self, ref: str, dtype: str, device: str, batch_size: int) -> None:
         from .models import load_reward_model, load_tokenizer, resolve_model
 
+        beat(f"loading the reward model {ref}", kind="score", loading=True)
         path = resolve_model(ref).path
         self.tokenizer = load_tokenizer(path, padding_side="right")
         self.model = load_reward_model(path, dtype, device)
@@ -136,6 +138,12 @@ class RewardScorer:
                 continue
             scores.update(zip(idx, logits, strict=True))
             start += len(idx)
+            beat(
+                f"reward model: {start} of {len(pairs)} pairs scored",
+                kind="score",
+                batch_setting="preferences.reward_batch_size",
+                batch_size=size,
+            )
         return [scores[i] for i in range(len(pairs))]
 
 

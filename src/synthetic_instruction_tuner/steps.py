@@ -278,7 +278,9 @@ def start_step(
     from transformers import set_seed
 
     from .models import resolve_device
+    from .watchdog import beat
 
+    beat("starting: config, models", kind="step", loading=True)
     cfg = load_config(profile, overrides)
     paths = run_paths(run_dir or default_run_dir(profile))
     if cfg.hardware.torch_threads:

@@ -37,6 +37,7 @@ from .models import (
     torch_dtype,
 )
 from .store import RunPaths, read_jsonl, write_json
+from .watchdog import trainer_callback
 
 METHODS = ("sft_lora", "prompt_tuning", "dpo")
 
@@ -436,6 +437,7 @@ def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> d
     keep_trainable_fp32_under_fp16(trainer)
     if cfg.hardware.dense_lm_head:
         use_dense_lm_head(trainer)
+    trainer.add_callback(trainer_callback())  # the watchdog's heartbeat
     resume = last_checkpoint(output_dir)
     base_file = output_dir / "base_eval.json"
     if not base_file.exists():
@@ -512,6 +514,7 @@ def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     keep_trainable_fp32_under_fp16(trainer)
     if cfg.hardware.dense_lm_head:
         use_dense_lm_head(trainer)
+    trainer.add_callback(trainer_callback())  # the watchdog's heartbeat
     resume = last_checkpoint(output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate()
