@@ -322,7 +322,8 @@ def comparison_tables(paths: RunPaths) -> list[Any]:
 
 
 def _signed(x: float) -> str:
-    return f"{x:+.3f}".replace("-", "\u2212")
+    """A difference with its sign (a true minus sign); exactly zero has none."""
+    return "0.000" if x == 0 else f"{x:+.3f}".replace("-", "\u2212")
 
 
 def paired_frames(summary: dict) -> dict[str, Any]:
