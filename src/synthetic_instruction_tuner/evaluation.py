@@ -15,9 +15,9 @@ Every method is evaluated through lm-eval's ``hf`` model, handed a model this pa
 the adapter on top) and the adapter's saved tokenizer, with the chat template applied. The base model
 gets the same chat format, so every method sees identical prompts in both modes. The ``teacher`` (the
 generator model that wrote the training data) is the reference row: the same prompts, greedy, the same
-token limit, but in its own chat template (`load_teacher`). Loading the model
-here rather than through lm-eval's ``model_args`` keeps one loading path for 4-bit models (lm-eval
-0.4.13 passes its own ``quantization_config`` next to the caller's, which raises a TypeError).
+token limit, but in its own chat template (`load_teacher`). Loading the model here rather than through
+lm-eval's ``model_args`` keeps one loading path for 4-bit models (lm-eval 0.4.13 passes its own
+``quantization_config`` next to the caller's, which raises a TypeError).
 
 Per method: ``eval/<method>.json`` (lm-eval's results, without samples, and how many generations
 ended on EOS) and ``eval/samples/<method>/<task>.jsonl`` (lm-eval's per-sample logs).
