@@ -7,11 +7,12 @@
 # ---
 
 # %% [markdown]
-# # Method comparison: base vs LoRA SFT vs prompt tuning vs DPO
+# # Method comparison: base vs LoRA SFT vs prompt tuning vs DPO, and their teacher
 #
-# The same synthetic data and base model, adapted three ways, scored on the same lm-eval tasks.
-# Every metric carries a 95% percentile-bootstrap interval over prompts: with a few dozen prompts
-# per task, differences inside the intervals are noise.
+# The same synthetic data and base model, adapted three ways, scored on the same lm-eval tasks. The
+# teacher (the generator model that wrote the data) answers the same prompts in its own chat template,
+# as a reference row. Every metric carries a 95% percentile-bootstrap interval over prompts; the
+# differences between methods are measured on the same prompts, with paired intervals and McNemar's test.
 
 # %%
 from IPython.display import display
@@ -38,6 +39,22 @@ display(*reporting.comparison_tables(ctx.paths))
 
 # %%
 fig = reporting.metric_bars_figure(ctx.paths)
+
+# %% [markdown]
+# ## Differences on the same prompts
+#
+# Each comparison is first − second, prompt by prompt: SFT − base, DPO − SFT, prompt tuning − base, and
+# each student − its teacher. An interval that excludes 0, or a McNemar p below 0.05, is a difference
+# these prompts can tell.
+
+# %%
+display(*reporting.paired_tables(ctx.paths))
+
+# %% [markdown]
+# ## Accuracy per constraint family
+
+# %%
+display(*reporting.family_tables(ctx.paths))
 
 # %% [markdown]
 # ## Do the tuned models stop on their own?

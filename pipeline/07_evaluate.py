@@ -10,21 +10,25 @@
 # # Step 07 — Evaluation with lm-evaluation-harness
 #
 # **Purpose.** Score the base model, the LoRA SFT adapter, the prompt-tuning adapter and the DPO
-# adapter on the same tasks. Profiles with Hub access run lm-eval's `ifeval`, `mmlu` (5-shot),
+# adapter on the same tasks, with the teacher (the generator model, in its own chat template) as a
+# reference row. Profiles with Hub access run lm-eval's `ifeval`, `mmlu` (5-shot),
 # `truthfulqa_mc2` and `hellaswag`; offline profiles run this repository's local tasks: IFBench's test
 # prompts, the held-out constraint prompts (lm-eval's IFEval metrics) and the log-likelihood of the
-# held-out responses. Every metric gets a 95% percentile-bootstrap interval over prompts.
+# held-out responses. Every metric gets a 95% percentile-bootstrap interval over prompts; the
+# differences SFT − base, DPO − SFT, prompt tuning − base and each student − teacher are measured on the
+# same prompts (paired bootstrap interval, exact McNemar p for 0/1 metrics).
 #
 # **Inputs.** `adapters/*/` (steps 05, 05b, 06), `data/heldout.jsonl` (step 04).
 #
 # **Outputs.** `eval/<method>.json` (lm-eval results), `eval/samples/<method>/<task>.jsonl` (per-sample
-# logs), `eval/summary.json` (all metrics with intervals), `eval/tasks/` (the local task YAML as run).
+# logs), `eval/summary.json` (all metrics with intervals, `paired` differences, accuracy per
+# `constraint_families`), `eval/tasks/` (the local task YAML as run).
 
 # %%
 import pandas as pd
 
 from synthetic_instruction_tuner.evaluation import run_evaluation
-from synthetic_instruction_tuner.reporting import metrics_frame
+from synthetic_instruction_tuner.reporting import metrics_frame, paired_frames
 from synthetic_instruction_tuner.steps import start_step
 
 # %% tags=["parameters"]
@@ -45,3 +49,9 @@ summary = run_evaluation(ctx.cfg, ctx.paths, ctx.device)
 # %%
 pd.set_option("display.float_format", "{:.3f}".format)
 metrics_frame(summary["metrics"])
+
+# %% [markdown]
+# ## Differences on the same prompts: first − second, paired 95% interval, exact McNemar p
+
+# %%
+pd.concat(paired_frames(summary))

@@ -129,13 +129,117 @@ def test_reports_are_built_with_tables_and_figures(smoke_run):
     assert "tiny:chat-lm" in index and "tiny:base-lm" in index and "smoke profile" in index
     costs = (reports / "compute_costs.html").read_text()
     comparison = (reports / "method_comparison.html").read_text()
-    for page, tables, images in ((costs, 3, 1), (comparison, 7, 3)):
+    for page, tables, images in ((costs, 3, 1), (comparison, 12, 3)):
         assert len(re.findall(r"<table", page)) >= tables
         assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', page)) >= images
         body = page.rsplit("</style>", 1)[-1]  # the stylesheet names every cell kind
         assert "jp-CodeMirrorEditor" not in body and "start_step(" not in body  # no code cells
         assert "application/vnd.jupyter.stderr" not in body and "Traceback" not in body
     assert "seed (reported)" in costs and "05_sft_lora" in costs
-    for label in ("base model", "LoRA SFT", "prompt tuning", "DPO (on SFT)"):
+    for label in ("base model", "LoRA SFT", "prompt tuning", "DPO (on SFT)", "teacher (generator)"):
         assert label in comparison
     assert "ended with EOS" in comparison and "limit (max_gen_toks)" in comparison
+
+
+COMPARISONS = {
+    "sft_lora - base",
+    "dpo - sft_lora",
+    "prompt_tuning - base",
+    "sft_lora - teacher",
+    "prompt_tuning - teacher",
+    "dpo - teacher",
+}
+
+
+def test_teacher_is_evaluated_on_the_same_prompts_in_its_own_template(smoke_run):
+    run, _ = smoke_run
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert set(summary["metrics"]["teacher"]) == set(LOCAL_TASKS)
+    assert summary["generation_endings"]["teacher"]["generations"] == 8
+    teacher = read_jsonl(run / "eval" / "samples" / "teacher" / "sit_heldout_ifeval.jsonl")
+    base = read_jsonl(run / "eval" / "samples" / "base" / "sit_heldout_ifeval.jsonl")
+    assert [r["doc_hash"] for r in teacher] == [r["doc_hash"] for r in base]
+    context, settings = teacher[0]["arguments"][0]
+    # tiny:chat-lm carries SmolLM2's ChatML template, default system turn included
+    assert context.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert settings["max_gen_toks"] == 16 and settings["do_sample"] is False
+
+
+def test_summary_pairs_every_comparison_on_the_same_prompts(smoke_run):
+    from scipy.stats import binomtest
+
+    run, _ = smoke_run
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    metrics = summary["metrics"]
+    assert set(summary["paired"]) == COMPARISONS
+    for key, comparison in summary["paired"].items():
+        first, second = comparison["first"], comparison["second"]
+        assert key == f"{first} - {second}" and set(comparison["tasks"]) == set(LOCAL_TASKS)
+        for task, by_metric in comparison["tasks"].items():
+            assert set(by_metric) == set(metrics[first][task])
+            for metric, d in by_metric.items():
+                assert d["n"] == 4 and d["ci_low"] <= d["ci_high"]
+                unpaired = metrics[first][task][metric]["value"] - metrics[second][task][metric]["value"]
+                assert d["difference"] == pytest.approx(unpaired)
+                if metric.startswith("prompt_level"):
+                    cells = (d["both"], d["first_only"], d["second_only"], d["neither"])
+                    assert sum(cells) == 4
+                    assert d["difference"] == pytest.approx((d["first_only"] - d["second_only"]) / 4)
+                    discordant = d["first_only"] + d["second_only"]
+                    expected = binomtest(d["first_only"], discordant).pvalue if discordant else 1.0
+                    assert d["mcnemar_p"] == pytest.approx(expected)
+                else:
+                    assert d["mcnemar_p"] is None and d["mcnemar"].startswith("does not apply")
+
+
+def test_summary_has_accuracy_per_constraint_family(smoke_run):
+    run, _ = smoke_run
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    families = summary["constraint_families"]
+    assert set(families) == set(METHODS)
+    for method, tasks in families.items():
+        assert set(tasks) == {"sit_ifbench", "sit_heldout_ifeval"}
+        for task, by_family in tasks.items():
+            samples = read_jsonl(run / "eval" / "samples" / method / f"{task}.jsonl")
+            ids = [i for r in samples for i in r["doc"]["instruction_id_list"]]
+            assert set(by_family) == {i.split(":")[0] for i in ids}
+            assert sum(f["instructions"] for f in by_family.values()) == len(ids)
+            strict = [x for r in samples for x in r["inst_level_strict_acc"]]
+            pooled = sum(
+                f["inst_level_strict_acc"]["value"] * f["instructions"] for f in by_family.values()
+            ) / len(ids)
+            assert pooled == pytest.approx(sum(strict) / len(strict))
+
+
+def test_report_shows_paired_statistics_and_the_teacher(smoke_run):
+    import io
+
+    import pandas as pd
+
+    run, reports = smoke_run
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    page = (reports / "method_comparison.html").read_text()
+    tables = pd.read_html(io.StringIO(page))
+    scores = [t for t in tables if "prompt_level_strict_acc" in t.columns and "method" in t.columns]
+    assert scores and all("teacher (generator)" in set(t["method"]) for t in scores)
+    paired = [t for t in tables if "exact McNemar p" in t.columns]
+    assert len(paired) == len(LOCAL_TASKS)
+    rows = pd.concat(paired)
+    assert set(rows["comparison"]) == {
+        "LoRA SFT \u2212 base model",
+        "DPO (on SFT) \u2212 LoRA SFT",
+        "prompt tuning \u2212 base model",
+        "LoRA SFT \u2212 teacher (generator)",
+        "prompt tuning \u2212 teacher (generator)",
+        "DPO (on SFT) \u2212 teacher (generator)",
+    }
+    d = summary["paired"]["sft_lora - teacher"]["tasks"]["sit_heldout_ifeval"]["prompt_level_strict_acc"]
+    row = rows[
+        (rows["comparison"] == "LoRA SFT \u2212 teacher (generator)")
+        & (rows["metric"] == "prompt_level_strict_acc")
+    ].iloc[0]
+    assert float(row["exact McNemar p"]) == pytest.approx(d["mcnemar_p"], rel=1e-2)
+    assert row["only first right / only second right"] == f"{d['first_only']} / {d['second_only']}"
+    assert (rows[rows["metric"] == "bits_per_byte"]["exact McNemar p"] == "does not apply").all()
+    families = [t for t in tables if "constraint family" in t.columns]
+    assert len(families) == 2 and all("teacher (generator)" in t.columns for t in families)

@@ -13,15 +13,19 @@ Two modes, one code path (`evaluation.mode`):
 Every method is evaluated through lm-eval's ``hf`` model, handed a model this package loaded
 (`training.load_for_generation`: the profile's inference precision, 4-bit where the profile says,
 the adapter on top) and the adapter's saved tokenizer, with the chat template applied. The base model
-gets the same chat format, so every method sees identical prompts in both modes. Loading the model
-here rather than through lm-eval's ``model_args`` keeps one loading path for 4-bit models (lm-eval
-0.4.13 passes its own ``quantization_config`` next to the caller's, which raises a TypeError).
+gets the same chat format, so every method sees identical prompts in both modes. The ``teacher`` (the
+generator model that wrote the training data) is the reference row: the same prompts, greedy, the same
+token limit, but in its own chat template (`load_teacher`). Loading the model here rather than through
+lm-eval's ``model_args`` keeps one loading path for 4-bit models (lm-eval 0.4.13 passes its own
+``quantization_config`` next to the caller's, which raises a TypeError).
 
 Per method and task: ``eval/results/<method>/<task>.json`` (lm-eval's results for that task, how its
 generations ended, and the fingerprint they were produced under: a rerun redoes only tasks without
 results under the current settings and adapter) and ``eval/samples/<method>/<task>.jsonl``
 (lm-eval's per-sample logs). Per method: ``eval/<method>.json``, the tasks' results merged.
-``eval/summary.json`` holds every metric with a percentile-bootstrap confidence interval over prompts.
+``eval/summary.json`` holds every metric with a percentile-bootstrap confidence interval over prompts,
+paired differences between methods on the same prompts and accuracy per constraint family
+(`comparison`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from .errors import PipelineError
 from .store import RunPaths, read_json, read_jsonl, write_json, write_jsonl
 from .watchdog import beat, watch_forward
 
-METHODS = ("base", "sft_lora", "prompt_tuning", "dpo")
+METHODS = ("base", "sft_lora", "prompt_tuning", "dpo", "teacher")
 TASK_TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
 RESULT_KEYS = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config")
 # IFBench checkers that need NLTK data no PyPI package ships: offline, their prompts are left out.
@@ -159,11 +163,34 @@ def _adapter_lm_class() -> type:
     return AdapterLM
 
 
+def load_teacher(cfg: Config, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of the generator, as step 01 loads it, with its own chat template.
+
+    The teacher is an instruct model trained on its own template; the students' chat format would
+    measure how it copes with an unfamiliar format, not what it can do. Its own template is the fair
+    reference: a student that beats it has gone past its teacher at its best."""
+    from .models import load_causal_lm, load_tokenizer, resolve_model
+
+    path = resolve_model(cfg.models.generator).path
+    tokenizer = load_tokenizer(path)
+    if not tokenizer.chat_template:
+        raise PipelineError(
+            f"the generator {cfg.models.generator} has no chat template: models.generator must be an "
+            "instruct model (Magpie needs its template too)"
+        )
+    model = load_causal_lm(path, cfg.hardware.generation_dtype, device, cfg.hardware.load_in_4bit)
+    return model, tokenizer
+
+
 def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
-    """lm-eval's HF model for `method`: the base model or base + adapter, with its chat tokenizer."""
+    """lm-eval's HF model for `method`: the base model or base + adapter, with its chat tokenizer, or
+    the teacher with its own."""
     from .training import load_for_generation
 
-    model, tokenizer = load_for_generation(cfg, paths, method, device)
+    if method == "teacher":
+        model, tokenizer = load_teacher(cfg, device)
+    else:
+        model, tokenizer = load_for_generation(cfg, paths, method, device)
     return _adapter_lm_class()(**lm_eval_args(cfg, model, tokenizer))
 
 
@@ -339,6 +366,17 @@ def metric_table(cfg: Config, paths: RunPaths) -> dict[str, Any]:
     return table
 
 
+def comparison_summary(cfg: Config, paths: RunPaths) -> dict[str, Any]:
+    """summary.json's `paired` (method differences on the same prompts) and `constraint_families`."""
+    from .comparison import family_table, paired_table
+
+    iters, seed = cfg.evaluation.bootstrap_iters, cfg.seed
+    return {
+        "paired": paired_table(paths, iters, seed),
+        "constraint_families": family_table(paths, METHODS, iters, seed),
+    }
+
+
 def run_evaluation(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     """Evaluate every method (only the tasks without results under the current fingerprint); write
     eval/summary.json."""
@@ -356,5 +394,6 @@ def run_evaluation(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
             m: read_json(paths.eval / f"{m}.json").get("generation_endings") for m in METHODS
         },
     }
+    summary.update(comparison_summary(cfg, paths))
     write_json(paths.eval / "summary.json", summary)  # last: marks the step complete
     return summary

@@ -21,6 +21,7 @@ METHOD_LABELS = {
     "sft_lora": "LoRA SFT",
     "prompt_tuning": "prompt tuning",
     "dpo": "DPO (on SFT)",
+    "teacher": "teacher (generator)",
 }
 # The seed project's reported A100 figures, shown beside ours and labelled as the seed's.
 SEED_REPORTED = [
@@ -317,6 +318,90 @@ def comparison_tables(paths: RunPaths) -> list[Any]:
             f"{summary['bootstrap_iters']} resamples]. Source: {paths.eval / 'summary.json'}"
         )
         tables.append(wide.reset_index(drop=True).style.set_caption(caption).hide(axis="index"))
+    return tables
+
+
+def _signed(x: float) -> str:
+    """A difference with its sign (a true minus sign); exactly zero has none."""
+    return "0.000" if x == 0 else f"{x:+.3f}".replace("-", "\u2212")
+
+
+def paired_frames(summary: dict) -> dict[str, Any]:
+    """{task: frame}: a row per comparison and metric, from summary.json's `paired` block."""
+    import pandas as pd
+
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for comparison in (summary.get("paired") or {}).values():
+        first, second = comparison["first"], comparison["second"]
+        label = f"{METHOD_LABELS[first]} \u2212 {METHOD_LABELS[second]}"
+        for task, by_metric in comparison["tasks"].items():
+            for metric, d in by_metric.items():
+                binary = d.get("mcnemar_p") is not None
+                rows.setdefault(task, []).append(
+                    {
+                        "comparison": label,
+                        "metric": metric,
+                        "difference": _signed(d["difference"]),
+                        "95% paired interval": f"[{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]",
+                        "only first right / only second right": f"{d['first_only']} / {d['second_only']}"
+                        if binary
+                        else "",
+                        "exact McNemar p": f"{d['mcnemar_p']:.3g}" if binary else "does not apply",
+                    }
+                )
+    return {task: pd.DataFrame(task_rows) for task, task_rows in sorted(rows.items())}
+
+
+def paired_tables(paths: RunPaths) -> list[Any]:
+    """One table per task: each comparison's difference, paired bootstrap interval and McNemar p."""
+    summary = read_json(paths.eval / "summary.json")
+    tables = []
+    for task, frame in paired_frames(summary).items():
+        n = max(d["n"] for c in summary["paired"].values() for d in c["tasks"].get(task, {}).values())
+        caption = (
+            f"{task} — differences first \u2212 second on the same {n} prompts; 95% paired percentile-bootstrap "
+            f"interval ({summary['bootstrap_iters']} resamples of prompts, the same prompts for both methods); "
+            "exact McNemar p (two-sided binomial test on the prompts only one of the two gets right) for 0/1 "
+            "per-prompt metrics. McNemar does not apply to instruction-level accuracy (a list per prompt) "
+            "or bits per byte (continuous; lower is better). "
+            f"Source: {paths.eval / 'summary.json'} (paired)"
+        )
+        tables.append(frame.style.set_caption(caption).hide(axis="index"))
+    return tables
+
+
+def family_frames(summary: dict, metric: str = "inst_level_strict_acc") -> dict[str, Any]:
+    """{task: frame}: a row per constraint family, a column per method ('value [low, high]')."""
+    import pandas as pd
+
+    by_task: dict[str, dict[str, dict[str, Any]]] = {}
+    for method, tasks in (summary.get("constraint_families") or {}).items():
+        for task, families in tasks.items():
+            for family, f in families.items():
+                row = by_task.setdefault(task, {}).setdefault(
+                    family, {"constraint family": family, "instructions": f["instructions"]}
+                )
+                m = f[metric]
+                row[METHOD_LABELS[method]] = f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+    frames = {}
+    for task, families in sorted(by_task.items()):
+        frame = pd.DataFrame([families[f] for f in sorted(families)])
+        methods = [label for label in METHOD_LABELS.values() if label in frame.columns]
+        frames[task] = frame[["constraint family", "instructions", *methods]]
+    return frames
+
+
+def family_tables(paths: RunPaths, metric: str = "inst_level_strict_acc") -> list[Any]:
+    """One table per IFEval-style task: accuracy per constraint family and method."""
+    summary = read_json(paths.eval / "summary.json")
+    tables = []
+    for task, frame in family_frames(summary, metric).items():
+        caption = (
+            f"{task} — {metric} per constraint family (the instruction id before ':'); value [95% "
+            "percentile-bootstrap interval over the prompts carrying the family]; loose accuracy is in "
+            f"summary.json. Source: {paths.eval / 'summary.json'} (constraint_families)"
+        )
+        tables.append(frame.style.set_caption(caption).hide(axis="index"))
     return tables
 
 

@@ -150,6 +150,7 @@ PIPELINE: tuple[Step, ...] = (
         settings=(
             "seed",
             "models.target",
+            "models.generator",  # the teacher's reference row
             "hardware.generation_dtype",
             "hardware.dtype",  # compute precision of a 4-bit base
             "hardware.load_in_4bit",
