@@ -99,3 +99,18 @@ def test_unknown_profile_lists_the_available_ones():
 def test_scorer_needs_a_reward_model():
     with pytest.raises(ConfigError, match=r"models\.reward_model is not set"):
         load_config("smoke", ["models.reward_model=null", "preferences.scorer=reward_model"])
+
+
+def test_auto_generation_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    import torch
+
+    from synthetic_instruction_tuner.config import native_cpu_dtype
+
+    cfg = load_config("cpu")
+    assert cfg.hardware.generation_dtype == native_cpu_dtype()  # resolved: fingerprints see the real dtype
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert load_config("cpu").hardware.generation_dtype == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert load_config("cpu").hardware.generation_dtype == "bfloat16"
+    assert load_config("cpu", ["hardware.generation_dtype=bfloat16"]).hardware.generation_dtype == "bfloat16"

@@ -33,9 +33,9 @@ class ModelsConfig:
 class HardwareConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # training / evaluation precision
-    generation_dtype: Literal["float32", "bfloat16", "float16"] = (
-        "float32"  # generation and evaluation precision
-    )
+    # generation and evaluation precision; auto: bfloat16 where the CPU computes it natively
+    # (AVX512-BF16 or AMX: ~1.4x float32), else float32 (emulated bf16 is several times slower)
+    generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     load_in_4bit: bool = False  # bitsandbytes nf4 for the generator and QLoRA for the target
     torch_threads: int | None = None  # None: torch's default (all cores)
     dense_lm_head: bool = (
@@ -388,7 +388,17 @@ def load_config(
     merged["profile"] = profile
     config = _build(Config, merged, "", f"{recipe_path} or {profile_path}")
     _check_consistency(config, str(profile_path))
+    if config.hardware.generation_dtype == "auto":
+        config.hardware.generation_dtype = native_cpu_dtype()
     return config
+
+
+def native_cpu_dtype() -> str:
+    """bfloat16 on CPUs with native bf16 arithmetic (AVX512-BF16, AMX), else float32."""
+    import torch
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native else "float32"
 
 
 def _check_consistency(cfg: Config, source: str) -> None:
