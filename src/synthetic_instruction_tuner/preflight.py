@@ -27,7 +27,6 @@ from .config import Config
 from .memory import GIB, MARGIN, Estimate
 
 DISTRIBUTION = "synthetic-instruction-tuner"
-EVAL_METHODS = ("base", "sft_lora", "prompt_tuning", "dpo")
 
 
 @dataclass
@@ -405,14 +404,24 @@ class Preflight:
         args = evaluation.lm_eval_args(c, model, "its chat tokenizer")
         problem = lm_eval_problem(args)
         keys = ", ".join(f"{k}={v}" for k, v in args.items())
-        built.append(f"lm-eval HFLM({keys}) for {', '.join(EVAL_METHODS)}")
+        built.append(f"lm-eval HFLM({keys}) for {', '.join(evaluation.METHODS)}")
         e = c.evaluation
         context = memory.HUB_EVAL_TOKENS if e.mode == "hub" else self.data_tokens()
-        shape = self.shape(c.models.target)
-        estimate = memory.loglikelihood_eval(
-            shape, c.hardware.generation_dtype, c.hardware.load_in_4bit, e.batch_size, context, e.max_gen_toks
-        )
-        built.append(f"batch {e.batch_size} x {context} tokens ({e.mode} tasks)")
+        # the students share the target; the teacher's reference row loads the (larger) generator
+        estimates = {
+            role: memory.loglikelihood_eval(
+                self.shape(ref),
+                c.hardware.generation_dtype,
+                c.hardware.load_in_4bit,
+                e.batch_size,
+                context,
+                e.max_gen_toks,
+            )
+            for role, ref in (("students", c.models.target), ("teacher", c.models.generator))
+        }
+        peak = max(estimates, key=lambda role: estimates[role].total)
+        estimate = estimates[peak]
+        built.append(f"batch {e.batch_size} x {context} tokens ({e.mode} tasks); peak: the {peak}")
         row = Row("", "; ".join(built), estimate)
         if problem:
             row.status = f"FAIL: {problem}"
