@@ -83,6 +83,10 @@ display(funnel, removed)
 # %%
 fig = reporting.funnel_figure(ctx.paths)
 
+# %%
+pass_rates, sft_sources = reporting.constraint_data_tables(ctx.paths)
+display(pass_rates, sft_sources)
+
 # %% [markdown]
 # ## Held-out prompts, answered by each method
 

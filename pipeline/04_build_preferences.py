@@ -11,18 +11,27 @@
 #
 # **Purpose.** For each prompt, sample several responses across a temperature sweep, score them
 # (reward model, verifiable IFEval constraints, or both — `preferences.scorer`) and pair the best with
-# the worst. Ties and margins under `preferences.min_margin` are skipped and counted. A held-out
-# prompt split is set aside first and never trained on.
+# the worst; for a prompt with constraints, a response that passes every check against one that
+# fails at least one, as close in length as the samples allow. Ties and margins under
+# `preferences.min_margin` are skipped and counted. A held-out prompt split is set aside first and
+# never trained on.
+#
+# The same sweep builds the SFT set (`sft_data`): a constraint prompt with a sample that passes every
+# check trains on that sample (rejection sampling: the teacher's best of N, not its typical answer);
+# a share of the other rows get constraints their response already meets written into their prompt
+# (constraint back-translation, correct by construction); the rest stay plain.
 #
 # **Inputs.** `data/sft.jsonl` (step 03).
 #
 # **Outputs.** `data/heldout.jsonl` (IFEval schema plus the reference response),
 # `data/preferences.jsonl` (TRL conversational `prompt`/`chosen`/`rejected` plus scores, temperatures
-# and scorer), `data/preferences_summary.json`; the sweep's samples and scores are appended to
+# and scorer), `data/sft_train.jsonl` (chat `messages` with their `source` and `constraints`),
+# `data/preferences_summary.json` (with pass rates per constraint family); the sweep's samples and scores are appended to
 # `data/preference_samples.jsonl` and `data/preference_scores.jsonl` so a killed run resumes.
 
 # %%
 import pandas as pd
+from IPython.display import display
 
 from synthetic_instruction_tuner.generation import load_engine
 from synthetic_instruction_tuner.preferences import build_preferences
@@ -42,6 +51,13 @@ print(f"scorer: {ctx.cfg.preferences.scorer}; temperatures: {ctx.cfg.preferences
 # %%
 summary = build_preferences(engine, ctx.cfg, ctx.paths, ctx.device)
 summary
+
+# %% [markdown]
+# ## Pass rates per constraint family, and the SFT mix
+
+# %%
+display(pd.DataFrame(summary["constraint_pass_rates"]).T.sort_values("rate"))
+pd.Series(summary["sft_train"])
 
 # %% [markdown]
 # ## A few pairs

@@ -14,7 +14,8 @@
 # minus the held-out prompts. A held-out slice of the SFT set gives eval loss; the untrained base's loss
 # on the same slice is measured first, for comparison.
 #
-# **Inputs.** `data/sft.jsonl` (step 03), `data/heldout.jsonl` (step 04, excluded from training).
+# **Inputs.** `data/sft_train.jsonl` (step 04's SFT mix: plain, back-translated and rejection-sampled
+# rows, none of them held out), `data/heldout.jsonl` (step 04).
 #
 # **Outputs.** `adapters/sft_lora/` (adapter + tokenizer with its chat template) and
 # `adapters/sft_lora/metrics.json`; checkpoints in `adapters/sft_lora/checkpoints/` resume a killed run.

@@ -14,7 +14,8 @@
 # It needs a learning rate about 100x LoRA's (`prompt_tuning.learning_rate`, 3e-2). Same data, same
 # eval split and same assistant-only loss as step 05.
 #
-# **Inputs.** `data/sft.jsonl` (step 03), `data/heldout.jsonl` (step 04, excluded from training).
+# **Inputs.** `data/sft_train.jsonl` (step 04's SFT mix: plain, back-translated and rejection-sampled
+# rows, none of them held out), `data/heldout.jsonl` (step 04).
 #
 # **Outputs.** `adapters/prompt_tuning/` (adapter + tokenizer with its chat template) and
 # `adapters/prompt_tuning/metrics.json`; checkpoints in `adapters/prompt_tuning/checkpoints/` resume a killed run.

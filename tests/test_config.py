@@ -101,6 +101,18 @@ def test_scorer_needs_a_reward_model():
         load_config("smoke", ["models.reward_model=null", "preferences.scorer=reward_model"])
 
 
+def test_sft_data_and_dpo_loss_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"sft_data\.backtranslation_share must be within"):
+        load_config("smoke", ["sft_data.backtranslation_share=1.5"])
+    with pytest.raises(ConfigError, match=r"one weight per dpo\.loss_type"):
+        load_config("smoke", ["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0]"])
+    cfg = load_config("smoke", ["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0,0.5]"])
+    assert cfg.dpo.loss_weights == [1.0, 0.5] and load_config("cpu").hardware.cpu_autocast in (
+        "bfloat16",
+        "none",
+    )
+
+
 def test_auto_generation_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     import torch
 
@@ -114,3 +126,13 @@ def test_auto_generation_precision_is_bf16_only_where_the_cpu_computes_it(monkey
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert load_config("cpu").hardware.generation_dtype == "bfloat16"
     assert load_config("cpu", ["hardware.generation_dtype=bfloat16"]).hardware.generation_dtype == "bfloat16"
+
+
+def test_dpo_loss_terms_reach_trl_and_cpu_autocast_reaches_the_trainer(tmp_path):
+    from synthetic_instruction_tuner.training import dpo_config, sft_config
+
+    cfg = load_config("smoke", ["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0,0.5]"])
+    args = dpo_config(cfg, tmp_path, "cpu")
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
+    assert sft_config(load_config("smoke", ["hardware.cpu_autocast=bfloat16"]), tmp_path, "cpu").bf16
+    assert not sft_config(load_config("smoke", ["hardware.cpu_autocast=none"]), tmp_path, "cpu").bf16

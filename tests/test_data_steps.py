@@ -6,7 +6,15 @@ import pytest
 from conftest import kill_when, run_cli
 
 from synthetic_instruction_tuner.config import load_config
-from synthetic_instruction_tuner.preferences import SKIP_REASONS, combined_score, select_pair, split_heldout
+from synthetic_instruction_tuner.preferences import (
+    SFT_SOURCES,
+    SKIP_REASONS,
+    combined_score,
+    rejection_sample,
+    select_constraint_pair,
+    select_pair,
+    split_heldout,
+)
 from synthetic_instruction_tuner.store import read_jsonl, run_paths
 from synthetic_instruction_tuner.training import sft_splits
 
@@ -82,11 +90,86 @@ def test_pair_selection_ties_margins_and_order():
     assert select_pair(_samples(0.5, 0.6), min_margin=0.3) == (None, "small_margin")
     assert select_pair(_samples(0.5), min_margin=0.0) == (None, "too_few_samples")
     assert select_pair(_samples(None, 0.5), min_margin=0.0) == (None, "unscored")
-    assert set(SKIP_REASONS) == {"tie", "small_margin", "unscored", "too_few_samples"}
+    assert set(SKIP_REASONS) == {
+        "tie",
+        "small_margin",
+        "unscored",
+        "too_few_samples",
+        "none_pass",
+        "all_pass",
+    }
     # equal best scores: the one that ended on its own, at the lower temperature, is chosen
     tied = _samples(1.0, 1.0, 0.0)
     tied[0]["finish_reason"] = "length"
     assert select_pair(tied, 0.0)[0]["chosen"]["id"] == "s1"
+
+
+def _constraint_samples(*rows):
+    """(fraction, words, temperature, finish) per sample; the score is the fraction."""
+    return [
+        {
+            "id": f"s{i}",
+            "response": " ".join(["word"] * words),
+            "score": fraction,
+            "constraint_fraction": fraction,
+            "temperature": t,
+            "finish_reason": finish,
+        }
+        for i, (fraction, words, t, finish) in enumerate(rows)
+    ]
+
+
+def test_constraint_pairs_pass_against_fail_at_similar_length():
+    samples = _constraint_samples(
+        (1.0, 40, 0.5, "stop"), (0.5, 90, 0.8, "stop"), (0.0, 42, 1.1, "length"), (1.0, 10, 1.4, "stop")
+    )
+    pair, reason = select_constraint_pair(samples, min_margin=0.25)
+    assert reason is None
+    # not the largest gap (s3 vs s2 differ by 1.0 too) but the closest lengths: 40 vs 42 words
+    assert (pair["chosen"]["id"], pair["rejected"]["id"]) == ("s0", "s2") and pair["margin"] == 1.0
+    assert select_constraint_pair(_constraint_samples((0.5, 5, 0.5, "stop"), (0.0, 5, 1.0, "stop")), 0.0) == (
+        None,
+        "none_pass",
+    )
+    assert select_constraint_pair(_constraint_samples((1.0, 5, 0.5, "stop"), (1.0, 9, 1.0, "stop")), 0.0) == (
+        None,
+        "all_pass",
+    )
+    # a chosen answer that was cut at the token limit only when nothing else passes
+    cut = _constraint_samples((1.0, 40, 0.5, "length"), (1.0, 10, 0.8, "stop"), (0.0, 40, 1.1, "stop"))
+    assert select_constraint_pair(cut, 0.0)[0]["chosen"]["id"] == "s1"
+
+
+def test_rejection_sampling_keeps_the_coolest_passing_answer_that_ended():
+    samples = _constraint_samples(
+        (1.0, 30, 0.5, "length"), (0.5, 20, 0.5, "stop"), (1.0, 25, 1.1, "stop"), (1.0, 12, 0.8, "stop")
+    )
+    assert rejection_sample(samples)["id"] == "s3"
+    assert rejection_sample(_constraint_samples((0.5, 5, 0.5, "stop"), (1.0, 5, 0.8, "length"))) is None
+
+
+def test_sft_mix_is_written_with_its_sources(smoke_run):
+    run, _ = smoke_run
+    summary = json.loads((run / "data/preferences_summary.json").read_text())
+    rows = read_jsonl(run / "data/sft_train.jsonl", required=("id", "messages", "source", "constraints"))
+    heldout = {r["id"] for r in read_jsonl(run / "data/heldout.jsonl")}
+    sft = {r["id"]: r for r in read_jsonl(run / "data/sft.jsonl")}
+    assert len(rows) == summary["sft_train"]["rows"] == len(sft) - len(heldout)
+    assert sum(summary["sft_train"][s] for s in SFT_SOURCES) == len(rows) and heldout.isdisjoint(
+        r["id"] for r in rows
+    )
+    for row in rows:
+        user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert row["source"] in SFT_SOURCES and user.startswith(sft[row["id"]]["instruction"].rstrip())
+        assert bool(row["constraints"]) == (row["source"] != "plain")
+        if row["source"] == "back_translation":
+            assert answer == sft[row["id"]]["response"] and user != sft[row["id"]]["instruction"]
+    assert any(r["source"] == "back_translation" for r in rows)  # the smoke share is 0.5 of 12 rows
+    rates = summary["constraint_pass_rates"]
+    assert rates and all(
+        0 <= v["passed"] <= v["samples"] and v["rate"] == round(v["passed"] / v["samples"], 3)
+        for v in rates.values()
+    )
 
 
 def test_combined_scores():

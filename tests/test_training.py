@@ -195,3 +195,19 @@ def test_packed_batches_and_the_dense_lm_head_match_trls_padded_fused_loss(smoke
             losses[packed, fused] = trainer.evaluate()["eval_loss"]
     reference = losses[False, True]  # TRL's default: padded batches, fused LM head
     assert all(value == pytest.approx(reference, rel=1e-4) for value in losses.values()), losses
+
+
+def test_lora_is_merged_for_generation_with_the_same_logits(smoke_run):
+    import torch
+
+    from synthetic_instruction_tuner.models import load_adapter, load_causal_lm, resolve_model
+
+    run, _ = smoke_run
+    cfg = load_config("smoke")
+    merged, tokenizer = load_for_generation(cfg, run_paths(run), "sft_lora", "cpu")
+    assert not hasattr(merged, "peft_config")  # a plain model: no LoRA matmuls left at inference
+    base = load_causal_lm(resolve_model(cfg.models.target).path, cfg.hardware.generation_dtype, "cpu")
+    adapted = load_adapter(base, run / "adapters/sft_lora").eval()
+    ids = torch.tensor([chat_prompt_ids(tokenizer, [{"role": "user", "content": "Name a fruit."}])])
+    with torch.inference_mode():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)

@@ -37,6 +37,9 @@ class HardwareConfig:
     # (AVX512-BF16 or AMX: ~1.4x float32), else float32 (emulated bf16 is several times slower)
     generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     load_in_4bit: bool = False  # bitsandbytes nf4 for the generator and QLoRA for the target
+    # training on a CPU: fp32 weights with bf16 autocast ("bfloat16"), or plain fp32 ("none");
+    # auto: bf16 autocast where the CPU computes bf16 natively (see generation_dtype)
+    cpu_autocast: Literal["auto", "none", "bfloat16"] = "none"
     torch_threads: int | None = None  # None: torch's default (all cores)
     dense_lm_head: bool = (
         False  # score labelled positions with one LM-head matmul instead of TRL's chunked kernel
@@ -123,6 +126,18 @@ class PreferencesConfig:
 
 
 @dataclass
+class SftDataConfig:
+    """How step 04 turns SFT rows into constraint-carrying ones (data/sft_train.jsonl)."""
+
+    # a constraint prompt of the sweep with a sample that passes every check trains on that sample
+    rejection_sampling: bool = True
+    # share of the other rows given 1-3 constraints their response already meets (back-translation)
+    backtranslation_share: float = 0.5
+    min_constraints: int = 1
+    max_constraints: int = 3
+
+
+@dataclass
 class LoraConfig:
     r: int = 8
     alpha: int = 16
@@ -173,6 +188,10 @@ class PromptTuningConfig:
 @dataclass
 class DpoConfig:
     beta: float = 0.1
+    # TRL's loss terms and weights: ["sigmoid", "sft"] with [1.0, a] is RPO (DPO plus a times the NLL
+    # of the chosen answer), which TRL 1.x expresses this way in place of the old rpo_alpha
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
     learning_rate: float = 5e-5
     warmup_ratio: float = 0.1
     lr_scheduler_type: str = "cosine"
@@ -228,6 +247,7 @@ class Config:
     dpo: DpoConfig
     evaluation: EvaluationConfig
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    sft_data: SftDataConfig = field(default_factory=SftDataConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -390,6 +410,8 @@ def load_config(
     _check_consistency(config, str(profile_path))
     if config.hardware.generation_dtype == "auto":
         config.hardware.generation_dtype = native_cpu_dtype()
+    if config.hardware.cpu_autocast == "auto":
+        config.hardware.cpu_autocast = "bfloat16" if native_cpu_dtype() == "bfloat16" else "none"
     return config
 
 
@@ -417,6 +439,13 @@ def _check_consistency(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: preferences.constraint_ids has unsupported id {unknown[0]!r}")
         if len(p.constraint_ids) < p.max_constraints:
             raise ConfigError(f"{source}: preferences.constraint_ids has fewer ids than max_constraints")
+    d = cfg.sft_data
+    if not 0 <= d.backtranslation_share <= 1:
+        raise ConfigError(f"{source}: sft_data.backtranslation_share must be within [0, 1]")
+    if not 1 <= d.min_constraints <= d.max_constraints:
+        raise ConfigError(f"{source}: sft_data needs 1 <= min_constraints <= max_constraints")
+    if len(cfg.dpo.loss_weights or cfg.dpo.loss_type) != len(cfg.dpo.loss_type):
+        raise ConfigError(f"{source}: dpo.loss_weights needs one weight per dpo.loss_type entry")
     if cfg.counts.sft_target > cfg.counts.instructions:
         raise ConfigError(f"{source}: counts.sft_target exceeds counts.instructions")
     if cfg.engine.batch_size < 1:

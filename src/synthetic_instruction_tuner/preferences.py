@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
+from . import backtranslation as bt
 from . import constraints as ic
 from .config import Config, SamplingConfig
 from .errors import PipelineError
@@ -34,7 +35,9 @@ from .responses import generation_messages, user_turn
 from .store import JsonlAppender, RunPaths, check_resumable, read_jsonl, write_json, write_jsonl
 from .watchdog import beat
 
-SKIP_REASONS = ("tie", "small_margin", "unscored", "too_few_samples")
+# none_pass / all_pass: a constraint prompt needs a sample that passes every check and one that fails
+SKIP_REASONS = ("tie", "small_margin", "unscored", "too_few_samples", "none_pass", "all_pass")
+SFT_SOURCES = ("rejection_sampling", "back_translation", "plain")
 
 
 def _rng(seed: int, *parts: object) -> random.Random:
@@ -177,14 +180,55 @@ def select_pair(samples: list[dict[str, Any]], min_margin: float) -> tuple[dict[
     return {"chosen": chosen, "rejected": rejected, "margin": margin}, None
 
 
-def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
-    """Write heldout.jsonl, the sampled/scored sweep, preferences.jsonl and preferences_summary.json."""
-    p = cfg.preferences
-    sft = read_jsonl(paths.file("sft.jsonl"), required=("id", "instruction", "response"))
-    heldout_path = paths.file("heldout.jsonl")
-    heldout, rest = split_heldout(sft, cfg.counts.heldout_prompts, cfg.seed)
-    write_jsonl(heldout_path, heldout_records(heldout, cfg))
+def _words(sample: dict[str, Any]) -> int:
+    return len(sample["response"].split())
 
+
+def select_constraint_pair(
+    samples: list[dict[str, Any]], min_margin: float
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A pair that teaches the constraints: chosen passes every check, rejected fails at least one.
+
+    Among such pairs: a chosen that ended on its own first, then the two closest in length (so
+    length is not what separates them, as DPO otherwise learns), then the larger score gap.
+    """
+    scored = [s for s in samples if s["response"].strip()]
+    if len(scored) < 2:
+        return None, "too_few_samples"
+    if any(s["score"] is None or s["constraint_fraction"] is None for s in scored):
+        return None, "unscored"
+    passing = [s for s in scored if s["constraint_fraction"] == 1.0]
+    failing = [s for s in scored if s["constraint_fraction"] < 1.0]
+    if not passing:
+        return None, "none_pass"
+    if not failing:
+        return None, "all_pass"
+
+    def key(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple:
+        c, r = pair
+        gap = abs(_words(c) - _words(r)) / max(_words(c), _words(r), 1)
+        return (c["finish_reason"] != "stop", round(gap, 2), r["score"] - c["score"], c["temperature"])
+
+    chosen, rejected = min(((c, r) for c in passing for r in failing), key=key)
+    margin = chosen["score"] - rejected["score"]
+    if margin < min_margin or margin <= 0:
+        return None, "small_margin"
+    return {"chosen": chosen, "rejected": rejected, "margin": margin}, None
+
+
+def rejection_sample(samples: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The SFT target for a constraint prompt: a sample that passes every check and ended on its own,
+    at the lowest temperature (the teacher's most typical passing answer), shortest first."""
+    ok = [
+        s
+        for s in samples
+        if s["response"].strip() and s["constraint_fraction"] == 1.0 and s["finish_reason"] == "stop"
+    ]
+    return min(ok, key=lambda s: (s["temperature"], _words(s))) if ok else None
+
+
+def _sweep_prompts(rest: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """The preference prompts (a seeded sample of the training records), constraints appended."""
     chosen_ids = set(
         _rng(cfg.seed, "preference-prompts").sample(
             range(len(rest)), min(cfg.counts.preference_prompts, len(rest))
@@ -202,7 +246,14 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
                 "constraints": cons,
             }
         )
+    return prompts
 
+
+def _sample(
+    engine: GenerationEngine, prompts: list[dict[str, Any]], cfg: Config, paths: RunPaths
+) -> list[dict]:
+    """Every prompt at every temperature, appended to preference_samples.jsonl as it is generated."""
+    p = cfg.preferences
     settings = {
         "generator": cfg.models.generator,
         "system_prompt": cfg.responses.system_prompt,
@@ -230,9 +281,15 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
 
         engine.run(requests, append, desc="preference sweep")
         wanted = {r.id for r in sweep}
-        all_samples = [s for s in samples.records if s["id"] in wanted]
+        return [s for s in samples.records if s["id"] in wanted]
 
-    by_prompt = {pr["id"]: pr for pr in prompts}
+
+def _score(
+    all_samples: list[dict], by_prompt: dict[str, dict], cfg: Config, paths: RunPaths, device: str
+) -> dict[str, list[dict[str, Any]]]:
+    """Reward and/or per-constraint verdicts for every sample (appended to preference_scores.jsonl),
+    grouped by prompt with the combined score pairs are chosen by."""
+    p = cfg.preferences
     scorer_settings = {
         "scorer": p.scorer,
         "reward_model": cfg.models.reward_model if p.scorer != "constraints" else None,
@@ -251,36 +308,51 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
         rows = []
         for sample, reward in zip(todo, rewards, strict=True):
             cons = by_prompt[sample["prompt_id"]]["constraints"]
-            fraction = (
-                ic.score(sample["response"], cons)
-                if cons and sample["response"].strip()
-                else (0.0 if cons else None)
+            # a blank response follows nothing, as in lm-eval
+            verdicts = (
+                ic.check(sample["response"], cons) if sample["response"].strip() else [False] * len(cons)
             )
+            fraction = sum(verdicts) / len(verdicts) if cons else None
             rows.append(
-                {"id": sample["id"], "reward": reward, "constraint_fraction": fraction, **scorer_settings}
+                {
+                    "id": sample["id"],
+                    "reward": reward,
+                    "constraint_fraction": fraction,
+                    "verdicts": verdicts,
+                    **scorer_settings,
+                }
             )
         scores.append(rows)
         score_of = {r["id"]: r for r in scores.records}
 
-    pairs, skipped = [], Counter({reason: 0 for reason in SKIP_REASONS})
     grouped: dict[str, list[dict[str, Any]]] = {pid: [] for pid in by_prompt}
     for sample in all_samples:
-        if sample["prompt_id"] in grouped:  # always: samples were filtered to this sweep's requests
-            s = score_of[sample["id"]]
-            grouped[sample["prompt_id"]].append(
-                {
-                    **sample,
-                    "reward": s["reward"],
-                    "constraint_fraction": s["constraint_fraction"],
-                    "score": combined_score(p.scorer, s["reward"], s["constraint_fraction"], p.reward_weight),
-                }
-            )
+        s = score_of[sample["id"]]
+        grouped[sample["prompt_id"]].append(
+            {
+                **sample,
+                "reward": s["reward"],
+                "constraint_fraction": s["constraint_fraction"],
+                "verdicts": s.get("verdicts", []),
+                "score": combined_score(p.scorer, s["reward"], s["constraint_fraction"], p.reward_weight),
+            }
+        )
+    return grouped
+
+
+def _pairs(
+    grouped: dict[str, list[dict]], by_prompt: dict[str, dict], cfg: Config
+) -> tuple[list[dict[str, Any]], Counter]:
+    """Chosen/rejected per prompt in TRL's conversational format, and why prompts gave none."""
+    p = cfg.preferences
+    pairs, skipped = [], Counter({reason: 0 for reason in SKIP_REASONS})
     for pid, group in grouped.items():
-        pair, reason = select_pair(group, p.min_margin)
+        prompt = by_prompt[pid]
+        by_constraints = prompt["constraints"] and p.scorer in ("constraints", "both")
+        pair, reason = (select_constraint_pair if by_constraints else select_pair)(group, p.min_margin)
         if pair is None:
             skipped[reason or "unscored"] += 1
             continue
-        prompt = by_prompt[pid]
         chosen, rejected = pair["chosen"], pair["rejected"]
         pairs.append(
             {
@@ -298,15 +370,104 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
                 "sample_scores": {s["id"]: s["score"] for s in group},
             }
         )
+    return pairs, skipped
+
+
+def _sft_row(record_id: str, prompt: str, response: str, source: str, cons: list[ic.Constraint]) -> dict:
+    return {
+        "id": record_id,
+        "messages": [*user_turn(prompt), {"role": "assistant", "content": response}],
+        "source": source,
+        "constraints": _serialise(cons),
+    }
+
+
+def sft_train_rows(
+    rest: list[dict[str, Any]], grouped: dict[str, list[dict]], by_prompt: dict[str, dict], cfg: Config
+) -> list[dict[str, Any]]:
+    """One SFT row per training record: the constrained prompt with a sample that passes every check
+    (rejection sampling); else, for a share of rows, constraints the response already meets
+    (back-translation); else the plain row."""
+    d = cfg.sft_data
+    rows = []
+    for record in rest:
+        pid = record["id"]
+        sample = (
+            rejection_sample(grouped.get(pid, []))
+            if d.rejection_sampling and by_prompt.get(pid, {}).get("constraints")
+            else None
+        )
+        if sample is not None:
+            prompt = by_prompt[pid]
+            rows.append(
+                _sft_row(
+                    pid, prompt["prompt"], sample["response"], "rejection_sampling", prompt["constraints"]
+                )
+            )
+            continue
+        rng = _rng(cfg.seed, "backtranslation", pid)
+        cons: list[ic.Constraint] = []
+        if rng.random() < d.backtranslation_share:
+            k = rng.randint(d.min_constraints, d.max_constraints)
+            cons = bt.backtranslate(record["response"], rng, k, cfg.preferences.constraint_ids)
+        if cons:
+            prompt_text = ic.add_constraints(record["instruction"], cons)
+            rows.append(_sft_row(pid, prompt_text, record["response"], "back_translation", cons))
+        else:
+            rows.append(_sft_row(pid, record["instruction"], record["response"], "plain", []))
+    return rows
+
+
+def pass_rates(grouped: dict[str, list[dict]], by_prompt: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per constraint family: samples checked, samples that met it, and the rate (strict)."""
+    counts: dict[str, list[int]] = {}
+    for pid, group in grouped.items():
+        ids = [c.instruction_id for c in by_prompt[pid]["constraints"]]
+        for sample in group:
+            for family, ok in zip(ids, sample["verdicts"], strict=False):
+                tally = counts.setdefault(family, [0, 0])
+                tally[0] += 1
+                tally[1] += bool(ok)
+    return {
+        family: {"samples": n, "passed": k, "rate": round(k / n, 3)}
+        for family, (n, k) in sorted(counts.items())
+    }
+
+
+def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    """Write heldout.jsonl, the sampled/scored sweep, preferences.jsonl, sft_train.jsonl and
+    preferences_summary.json."""
+    p = cfg.preferences
+    sft = read_jsonl(paths.file("sft.jsonl"), required=("id", "instruction", "response"))
+    heldout, rest = split_heldout(sft, cfg.counts.heldout_prompts, cfg.seed)
+    write_jsonl(paths.file("heldout.jsonl"), heldout_records(heldout, cfg))
+
+    prompts = _sweep_prompts(rest, cfg)
+    by_prompt = {pr["id"]: pr for pr in prompts}
+    all_samples = _sample(engine, prompts, cfg, paths)
+    grouped = _score(all_samples, by_prompt, cfg, paths, device)
+    pairs, skipped = _pairs(grouped, by_prompt, cfg)
     write_jsonl(paths.file("preferences.jsonl"), pairs)
+    sft_rows = sft_train_rows(rest, grouped, by_prompt, cfg)
+    write_jsonl(paths.file("sft_train.jsonl"), sft_rows)
+
+    with_constraints = {pid: g for pid, g in grouped.items() if by_prompt[pid]["constraints"]}
     summary = {
         "sft_prompts": len(sft),
         "heldout": len(heldout),
         "preference_prompts": len(prompts),
-        "prompts_with_constraints": sum(1 for pr in prompts if pr["constraints"]),
+        "prompts_with_constraints": len(with_constraints),
         "samples": len(all_samples),
+        "prompts_with_a_passing_sample": sum(
+            1 for g in with_constraints.values() if any(s["constraint_fraction"] == 1.0 for s in g)
+        ),
+        "constraint_pass_rates": pass_rates(with_constraints, by_prompt),
         "pairs": len(pairs),
         "skipped": dict(skipped),
+        "sft_train": {
+            "rows": len(sft_rows),
+            **{src: sum(r["source"] == src for r in sft_rows) for src in SFT_SOURCES},
+        },
         "scorer": p.scorer,
         "temperatures": p.temperatures,
         "min_margin": p.min_margin,

@@ -184,6 +184,43 @@ def funnel_table(paths: RunPaths) -> Any:
     )
 
 
+def constraint_data_tables(paths: RunPaths) -> tuple[Any, Any]:
+    """Step 04's constraint funnel: how often the teacher met each constraint family across the sweep
+    (strict), and where the SFT rows come from."""
+    import pandas as pd
+
+    source = paths.file("preferences_summary.json")
+    summary = read_json(source)
+    rates = pd.DataFrame(
+        [{"constraint family": k, **v} for k, v in summary.get("constraint_pass_rates", {}).items()],
+        columns=["constraint family", "samples", "passed", "rate"],
+    ).sort_values("rate")
+    mix = summary.get("sft_train", {})
+    sources = pd.DataFrame(
+        [
+            {
+                "source": "rejection sampling (a sample passing every check)",
+                "rows": mix.get("rejection_sampling", 0),
+            },
+            {
+                "source": "back-translation (constraints the answer already meets)",
+                "rows": mix.get("back_translation", 0),
+            },
+            {"source": "plain (no constraints)", "rows": mix.get("plain", 0)},
+        ]
+    )
+    passing = summary.get("prompts_with_a_passing_sample", 0)
+    return (
+        _caption(
+            rates,
+            f"Teacher samples meeting each constraint family, {len(summary.get('temperatures', []))} temperatures "
+            f"({passing} of {summary.get('prompts_with_constraints', 0)} constraint prompts had a sample passing "
+            f"every check). Source: {source}",
+        ),
+        _caption(sources, f"SFT training rows by source ({mix.get('rows', 0)} in all). Source: {source}"),
+    )
+
+
 def funnel_figure(paths: RunPaths) -> Any:
     import matplotlib.pyplot as plt
 

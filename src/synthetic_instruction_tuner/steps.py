@@ -52,7 +52,7 @@ def _responses_done(cfg: Config, paths: RunPaths) -> str | None:
 # Settings each step reads. Generation depends on the generator and its precision, training on the
 # target and its precision; `fingerprints.NOT_OUTPUT_KEYS` lists keys of these sections left out.
 _GENERATOR = ("seed", "models.generator", "hardware.generation_dtype", "hardware.load_in_4bit")
-_TARGET = ("seed", "models.target", "hardware.dtype", "hardware.load_in_4bit")
+_TARGET = ("seed", "models.target", "hardware.dtype", "hardware.cpu_autocast", "hardware.load_in_4bit")
 PIPELINE: tuple[Step, ...] = (
     Step(
         "01_generate_instructions",
@@ -88,6 +88,7 @@ PIPELINE: tuple[Step, ...] = (
             "data/preference_samples.jsonl",
             "data/preference_scores.jsonl",
             "data/preferences.jsonl",
+            "data/sft_train.jsonl",
             "data/preferences_summary.json",
         ),
         settings=(
@@ -98,12 +99,13 @@ PIPELINE: tuple[Step, ...] = (
             "preferences",
             "counts.heldout_prompts",
             "counts.preference_prompts",
+            "sft_data",
         ),
     ),
     Step(
         "05_sft_lora",
         "pipeline/05_sft_lora.py",
-        ("data/sft.jsonl", "data/heldout.jsonl"),
+        ("data/sft_train.jsonl", "data/heldout.jsonl"),
         ("adapters/sft_lora/metrics.json",),
         scratch=("adapters/sft_lora",),
         settings=(*_TARGET, "lora", "sft"),
@@ -111,7 +113,7 @@ PIPELINE: tuple[Step, ...] = (
     Step(
         "05b_prompt_tuning",
         "pipeline/05b_prompt_tuning.py",
-        ("data/sft.jsonl", "data/heldout.jsonl"),
+        ("data/sft_train.jsonl", "data/heldout.jsonl"),
         ("adapters/prompt_tuning/metrics.json",),
         scratch=("adapters/prompt_tuning",),
         # its own rate, epochs, steps, warmup, scheduler and batch sizes; the rest of SFT's trainer

@@ -168,13 +168,14 @@ def _split(rows: list[dict[str, Any]], fraction: float, seed: int, what: str) ->
 
 
 def sft_splits(paths: RunPaths, cfg: Config) -> tuple[Any, Any]:
-    """SFT rows minus every held-out prompt, split into train / eval (`sft.eval_fraction`)."""
+    """Step 04's SFT mix (plain, back-translated and rejection-sampled rows; never a held-out
+    prompt), split into train / eval (`sft.eval_fraction`)."""
     from datasets import Dataset
 
     excluded = heldout_ids(paths)
     rows = [
         {"messages": r["messages"]} | {"id": r["id"]}
-        for r in read_jsonl(paths.file("sft.jsonl"), ("id", "messages"))
+        for r in read_jsonl(paths.file("sft_train.jsonl"), ("id", "messages"))
         if r["id"] not in excluded
     ]
     train, evaluation = _split(rows, cfg.sft.eval_fraction, cfg.seed, "sft rows")
@@ -192,7 +193,8 @@ def preference_splits(paths: RunPaths, cfg: Config) -> tuple[Any, Any]:
 
 def _precision(cfg: Config, device: str) -> dict[str, Any]:
     if device == "cpu":
-        return {"use_cpu": True, "bf16": False, "fp16": False}
+        # accelerate runs the forward under torch.autocast("cpu", bfloat16); weights stay fp32
+        return {"use_cpu": True, "bf16": cfg.hardware.cpu_autocast == "bfloat16", "fp16": False}
     return {"bf16": cfg.hardware.dtype == "bfloat16", "fp16": cfg.hardware.dtype == "float16"}
 
 
@@ -481,6 +483,8 @@ def dpo_config(cfg: Config, output_dir: Path, device: str) -> Any:
     return DPOConfig(
         **args,
         beta=d.beta,
+        loss_type=d.loss_type,
+        loss_weights=d.loss_weights,
         max_length=d.max_length,
         max_grad_norm=cfg.sft.max_grad_norm,
         optim=cfg.sft.optim,
@@ -552,5 +556,8 @@ def load_for_generation(cfg: Config, paths: RunPaths, method: str, device: str) 
             raise PipelineError(f"{adapter}: no adapter; run the step that trains {method} first")
         tokenizer = load_tokenizer(adapter)
         model = load_adapter(base, adapter)
+        if getattr(model.active_peft_config, "peft_type", None) == "LORA" and not cfg.hardware.load_in_4bit:
+            # folded into the base weights: the same function without 7 extra matmuls per layer
+            model = model.merge_and_unload()
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
