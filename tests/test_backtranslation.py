@@ -49,3 +49,19 @@ def test_backtranslated_sets_are_compatible_met_and_limited_to_the_allowed_famil
     # the prompt reads as IFEval's: instruction, blank line, the checker's own description
     prompt = ic.add_constraints("Give me sleep tips.", cons)
     assert prompt.startswith("Give me sleep tips.\n\n") and ic.describe(cons) in prompt
+
+
+def test_separating_constraints_pass_the_chosen_and_fail_the_rejected():
+    chosen = "Keep a regular schedule and a cool room. P.S. Avoid coffee after noon."
+    rejected = "Sleep is important for health, so try to rest well every night and relax before bed."
+    for seed in range(10):
+        cons = bt.separating_constraints(chosen, rejected, random.Random(seed), k=2)
+        assert cons and all(ic.check(chosen, cons)) and not all(ic.check(rejected, cons))
+        # a length bound separates them only when nothing else does
+        assert cons[0].instruction_id not in (
+            "length_constraints:number_words",
+            "length_constraints:number_sentences",
+        )
+    assert (
+        bt.separating_constraints(chosen, chosen, random.Random(0), k=2) == []
+    )  # nothing separates a text from itself

@@ -46,6 +46,8 @@ def test_preferences_are_trl_conversational_with_their_scores(smoke_run):
     summary = json.loads((run / "data/preferences_summary.json").read_text())
     assert len(pairs) == summary["pairs"] > 0
     assert summary["pairs"] + sum(summary["skipped"].values()) == summary["preference_prompts"]
+    assert sum(summary["pair_sources"].values()) == len(pairs)
+    assert {p["source"] for p in pairs} <= {"sweep", "back_translation"}
     for pair in pairs:
         assert pair["prompt"][0]["role"] == "user" and pair["chosen"][0]["role"] == "assistant"
         assert pair["rejected"][0]["role"] == "assistant"
@@ -138,6 +140,28 @@ def test_constraint_pairs_pass_against_fail_at_similar_length():
     # a chosen answer that was cut at the token limit only when nothing else passes
     cut = _constraint_samples((1.0, 40, 0.5, "length"), (1.0, 10, 0.8, "stop"), (0.0, 40, 1.1, "stop"))
     assert select_constraint_pair(cut, 0.0)[0]["chosen"]["id"] == "s1"
+
+
+def test_prompts_whose_samples_all_fail_get_a_backtranslated_pair():
+    import random
+
+    from synthetic_instruction_tuner import constraints as ic
+    from synthetic_instruction_tuner.preferences import backtranslated_pair
+
+    samples = _constraint_samples((0.0, 1, 0.5, "stop"), (0.0, 1, 1.1, "stop"))
+    samples[0]["response"] = "Tea is calming. P.S. Try chamomile before bed."
+    samples[1]["response"] = "Drink some tea in the evening because it helps you relax."
+    pair = backtranslated_pair("How do I relax?", samples, random.Random(0), 2, None)
+    cons = pair["constraints"]
+    assert pair["prompt"] == ic.add_constraints("How do I relax?", cons)
+    assert all(ic.check(pair["chosen"]["response"], cons)) and not all(
+        ic.check(pair["rejected"]["response"], cons)
+    )
+    assert pair["margin"] == 1.0 - sum(ic.check(pair["rejected"]["response"], cons)) / len(cons) > 0
+    same = _constraint_samples((0.0, 3, 0.5, "stop"), (0.0, 3, 1.1, "stop"))
+    assert (
+        backtranslated_pair("Say hi.", same, random.Random(0), 2, None) is None
+    )  # identical: nothing separates them
 
 
 def test_rejection_sampling_keeps_the_coolest_passing_answer_that_ended():

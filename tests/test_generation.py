@@ -180,3 +180,26 @@ def test_adapters_decode_one_token_per_step_as_without_a_cache(tmp_path, method)
     virtual = 10 if method == "prompt_tuning" else 0
     assert widths == [inputs["input_ids"].shape[1] + virtual] + [1] * 7
     assert cached.tolist() == uncached.tolist()
+
+
+def test_the_output_layer_gets_contiguous_input_when_weights_are_frozen(tmp_path):
+    """A PEFT-wrapped model has frozen weights; torch's CPU matmul then copies the whole output
+    layer per row for the strided last-position slice `generate` projects (8-12x slower prefill on
+    Gemma-3-270M). The output layer must only ever see contiguous input."""
+    from synthetic_instruction_tuner.models import load_tokenizer
+
+    model, path = _adapter(tmp_path, "lora")
+    tokenizer = load_tokenizer(path)
+    inputs = tokenizer(["Name a fruit.", "Say hello to everyone here."], return_tensors="pt", padding=True)
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    head = model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_pre_hook(
+        lambda _m, args: seen.append((tuple(args[0].shape), args[0].is_contiguous()))
+    )
+    with torch.inference_mode():
+        model.generate(
+            **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    hook.remove()
+    assert not any(p.requires_grad for p in model.get_base_model().parameters())
+    assert seen[0][0][:2] == (2, 1) and all(contiguous for _, contiguous in seen)

@@ -169,17 +169,42 @@ def met_constraints(
     return found
 
 
-def backtranslate(
-    response: str, rng: random.Random, k: int, allowed: Sequence[str] | None = None
-) -> list[ic.Constraint]:
-    """Up to ``k`` mutually compatible constraints that ``response`` already meets (strict), or []."""
+def pick_compatible(candidates: Sequence[ic.Constraint], k: int) -> list[ic.Constraint]:
+    """The first ``k`` of ``candidates`` (in order) that conflict with none chosen before them."""
     table = ic.conflicts()
     chosen: list[ic.Constraint] = []
-    for constraint in met_constraints(response, rng, allowed):
+    for constraint in candidates:
         if len(chosen) == k:
             break
         if not any(c.instruction_id in table[constraint.instruction_id] for c in chosen):
             chosen.append(constraint)
+    return chosen
+
+
+def backtranslate(
+    response: str, rng: random.Random, k: int, allowed: Sequence[str] | None = None
+) -> list[ic.Constraint]:
+    """Up to ``k`` mutually compatible constraints that ``response`` already meets (strict), or []."""
+    chosen = pick_compatible(met_constraints(response, rng, allowed), k)
     if chosen and not all(ic.check(response, chosen)):  # each passed alone; the set must too
         return []
     return chosen
+
+
+_LENGTH = ("length_constraints:number_words", "length_constraints:number_sentences")
+
+
+def separating_constraints(
+    chosen: str, rejected: str, rng: random.Random, k: int, allowed: Sequence[str] | None = None
+) -> list[ic.Constraint]:
+    """Up to ``k`` compatible constraints that ``chosen`` meets, at least one of which ``rejected``
+    fails (a length bound only when nothing else separates them), or [] when none does."""
+    met = met_constraints(chosen, rng, allowed)
+    separating = [c for c in met if not ic.check(rejected, [c])[0]]
+    if not separating:
+        return []
+    first = min(separating, key=lambda c: c.instruction_id in _LENGTH)
+    picked = pick_compatible([first, *(c for c in met if c is not first)], k)
+    if all(ic.check(chosen, picked)) and not all(ic.check(rejected, picked)):
+        return picked
+    return []

@@ -123,6 +123,9 @@ class PreferencesConfig:
     constraint_ids: list[str] | None = None  # IFEval instruction ids to draw from (None: all supported)
     min_margin: float = 0.1  # pairs whose chosen-rejected score gap is below this are skipped
     reward_batch_size: int = 16
+    # a constraint prompt whose samples all pass or all fail gets a pair by back-translation: two of
+    # its samples and constraints the one meets and the other does not, in place of its own
+    backtranslate_pairs: bool = True
 
 
 @dataclass

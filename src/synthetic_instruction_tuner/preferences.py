@@ -243,6 +243,7 @@ def _sweep_prompts(rest: list[dict[str, Any]], cfg: Config) -> list[dict[str, An
             {
                 "id": record["id"],
                 "prompt": ic.add_constraints(record["instruction"], cons) if cons else record["instruction"],
+                "instruction": record["instruction"],
                 "constraints": cons,
             }
         )
@@ -340,6 +341,34 @@ def _score(
     return grouped
 
 
+def backtranslated_pair(
+    instruction: str, samples: list[dict[str, Any]], rng: random.Random, k: int, allowed: list[str] | None
+) -> dict[str, Any] | None:
+    """For a prompt whose samples all pass or all fail its constraints: two of its samples and
+    constraints that the first meets and the second does not, written into the bare instruction
+    (constraint back-translation applied to a pair: chosen passes every check, rejected fails one).
+    Pairs are tried as `select_constraint_pair` ranks them: ended on its own, then similar length."""
+    usable = [s for s in samples if s["response"].strip()]
+
+    def key(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple:
+        c, r = pair
+        gap = abs(_words(c) - _words(r)) / max(_words(c), _words(r), 1)
+        return (c["finish_reason"] != "stop", round(gap, 2), c["temperature"], r["temperature"])
+
+    for chosen, rejected in sorted(((a, b) for a in usable for b in usable if a is not b), key=key):
+        cons = bt.separating_constraints(chosen["response"], rejected["response"], rng, k, allowed)
+        if cons:
+            fraction = sum(ic.check(rejected["response"], cons)) / len(cons)
+            return {
+                "prompt": ic.add_constraints(instruction, cons),
+                "constraints": cons,
+                "chosen": {**chosen, "score": 1.0},
+                "rejected": {**rejected, "score": fraction},
+                "margin": 1.0 - fraction,
+            }
+    return None
+
+
 def _pairs(
     grouped: dict[str, list[dict]], by_prompt: dict[str, dict], cfg: Config
 ) -> tuple[list[dict[str, Any]], Counter]:
@@ -350,6 +379,13 @@ def _pairs(
         prompt = by_prompt[pid]
         by_constraints = prompt["constraints"] and p.scorer in ("constraints", "both")
         pair, reason = (select_constraint_pair if by_constraints else select_pair)(group, p.min_margin)
+        text, cons, source = prompt["prompt"], prompt["constraints"], "sweep"
+        if pair is None and reason in ("none_pass", "all_pass") and p.backtranslate_pairs:
+            rng = _rng(cfg.seed, "pair-backtranslation", pid)
+            k = rng.randint(p.min_constraints, p.max_constraints)
+            pair = backtranslated_pair(prompt["instruction"], group, rng, k, p.constraint_ids)
+            if pair is not None:
+                text, cons, source = pair["prompt"], pair["constraints"], "back_translation"
         if pair is None:
             skipped[reason or "unscored"] += 1
             continue
@@ -357,7 +393,7 @@ def _pairs(
         pairs.append(
             {
                 "id": pid,
-                "prompt": user_turn(prompt["prompt"]),
+                "prompt": user_turn(text),
                 "chosen": [{"role": "assistant", "content": chosen["response"]}],
                 "rejected": [{"role": "assistant", "content": rejected["response"]}],
                 "score_chosen": chosen["score"],
@@ -366,7 +402,8 @@ def _pairs(
                 "temperature_chosen": chosen["temperature"],
                 "temperature_rejected": rejected["temperature"],
                 "scorer": p.scorer,
-                "constraints": _serialise(prompt["constraints"]),
+                "source": source,
+                "constraints": _serialise(cons),
                 "sample_scores": {s["id"]: s["score"] for s in group},
             }
         )
@@ -463,6 +500,7 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
         ),
         "constraint_pass_rates": pass_rates(with_constraints, by_prompt),
         "pairs": len(pairs),
+        "pair_sources": dict(Counter(x["source"] for x in pairs)),
         "skipped": dict(skipped),
         "sft_train": {
             "rows": len(sft_rows),
