@@ -30,6 +30,7 @@ paired differences between methods on the same prompts and accuracy per constrai
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -244,6 +245,14 @@ def _finished_task(paths: RunPaths, method: str, task: str, fingerprint: dict[st
     return record if all(log.exists() for log in logs) else None
 
 
+@functools.cache
+def _task_manager(include_path: str | None, _task_texts: str) -> Any:
+    """lm-eval's task index (thousands of YAML files), built once per process for every method."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
 def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> dict[str, Any]:
     """Run every task for one method; write eval/<method>.json and its sample logs.
 
@@ -252,7 +261,6 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
     redoes only that task. Tasks already recorded under the current fingerprint are not rerun.
     """
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     e = cfg.evaluation
     fingerprint = method_fingerprint(cfg, paths, method)
@@ -265,9 +273,12 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
         if e.mode == "local":
             import synthetic_instruction_tuner.eval_tasks  # noqa: F401 - punkt_tab before lm-eval's IFEval import
 
-            manager = TaskManager(include_path=str(prepare_local_tasks(cfg, paths)))
+            task_dir = prepare_local_tasks(cfg, paths)
+            # keyed on the task files' text too: another run's settings get their own index
+            texts = "".join(p.read_text() for p in sorted(task_dir.rglob("*.yaml")))
+            manager = _task_manager(str(task_dir), texts)
         else:
-            manager = TaskManager()
+            manager = _task_manager(None, "")
         lm = make_lm(cfg, paths, method, device)
     for task, fewshot in todo:
         beat(f"evaluating {method}: building {task}", kind="evaluate", loading=True)

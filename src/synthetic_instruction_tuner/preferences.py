@@ -184,6 +184,11 @@ def _words(sample: dict[str, Any]) -> int:
     return len(sample["response"].split())
 
 
+def _length_gap(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Relative difference in words, rounded so that near-equal lengths tie."""
+    return round(abs(_words(a) - _words(b)) / max(_words(a), _words(b), 1), 2)
+
+
 def select_constraint_pair(
     samples: list[dict[str, Any]], min_margin: float
 ) -> tuple[dict[str, Any] | None, str | None]:
@@ -206,8 +211,7 @@ def select_constraint_pair(
 
     def key(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple:
         c, r = pair
-        gap = abs(_words(c) - _words(r)) / max(_words(c), _words(r), 1)
-        return (c["finish_reason"] != "stop", round(gap, 2), r["score"] - c["score"], c["temperature"])
+        return (c["finish_reason"] != "stop", _length_gap(c, r), r["score"] - c["score"], c["temperature"])
 
     chosen, rejected = min(((c, r) for c in passing for r in failing), key=key)
     margin = chosen["score"] - rejected["score"]
@@ -352,8 +356,7 @@ def backtranslated_pair(
 
     def key(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple:
         c, r = pair
-        gap = abs(_words(c) - _words(r)) / max(_words(c), _words(r), 1)
-        return (c["finish_reason"] != "stop", round(gap, 2), c["temperature"], r["temperature"])
+        return (c["finish_reason"] != "stop", _length_gap(c, r), c["temperature"], r["temperature"])
 
     for chosen, rejected in sorted(((a, b) for a in usable for b in usable if a is not b), key=key):
         cons = bt.separating_constraints(chosen["response"], rejected["response"], rng, k, allowed)
