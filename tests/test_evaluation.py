@@ -243,3 +243,9 @@ def test_report_shows_paired_statistics_and_the_teacher(smoke_run):
     assert (rows[rows["metric"] == "bits_per_byte"]["exact McNemar p"] == "does not apply").all()
     families = [t for t in tables if "constraint family" in t.columns]
     assert len(families) == 2 and all("teacher (generator)" in t.columns for t in families)
+    # step 04's constraint funnel: pass rates of the teacher's samples and where the SFT rows come from
+    prefs = json.loads((run / "data" / "preferences_summary.json").read_text())
+    (rates,) = [t for t in tables if list(t.columns) == ["constraint", "samples", "passed", "rate"]]
+    assert set(rates["constraint"]) == set(prefs["constraint_pass_rates"])
+    (sources,) = [t for t in tables if list(t.columns) == ["source", "rows"]]
+    assert sources["rows"].sum() == prefs["sft_train"]["rows"] > 0

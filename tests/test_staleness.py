@@ -59,8 +59,8 @@ def test_a_complete_run_is_complete_and_records_what_it_read(tmp_path):
     state = read_state(tmp_path, "05_sft_lora")
     assert state["status"] == "complete"
     assert state["settings"]["sft.learning_rate"] == 2e-4 and state["settings"]["lora.r"] == 8
-    assert set(state["inputs"]) == {"data/sft.jsonl", "data/heldout.jsonl"}
-    assert len(state["inputs"]["data/sft.jsonl"]["sha256"]) == 64
+    assert set(state["inputs"]) == {"data/sft_train.jsonl", "data/heldout.jsonl"}
+    assert len(state["inputs"]["data/sft_train.jsonl"]["sha256"]) == 64
 
 
 @pytest.mark.parametrize(

@@ -120,7 +120,7 @@ def test_tuned_model_learns_to_stop_at_the_end_of_turn(tmp_path):
         }
         for i in range(24)
     ]
-    write_jsonl(run.file("sft.jsonl"), rows)
+    write_jsonl(run.file("sft_train.jsonl"), rows)
     write_jsonl(run.file("heldout.jsonl"), [{"id": "r0"}])
     overrides = [
         "sft.max_steps=60",

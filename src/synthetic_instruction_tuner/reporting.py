@@ -192,8 +192,8 @@ def constraint_data_tables(paths: RunPaths) -> tuple[Any, Any]:
     source = paths.file("preferences_summary.json")
     summary = read_json(source)
     rates = pd.DataFrame(
-        [{"constraint family": k, **v} for k, v in summary.get("constraint_pass_rates", {}).items()],
-        columns=["constraint family", "samples", "passed", "rate"],
+        [{"constraint": k, **v} for k, v in summary.get("constraint_pass_rates", {}).items()],
+        columns=["constraint", "samples", "passed", "rate"],
     ).sort_values("rate")
     mix = summary.get("sft_train", {})
     sources = pd.DataFrame(
