@@ -28,7 +28,6 @@ from synthetic_instruction_tuner.constraints import (
     conflicts,
     describe,
     sample_constraints,
-    score,
     to_ifeval_record,
 )
 from synthetic_instruction_tuner.errors import PipelineError
@@ -405,16 +404,6 @@ def test_check_matches_hand_verdicts_and_lm_eval(case: tuple) -> None:
     )
     assert test_instruction_following_strict(example, response).follow_instruction_list == strict
     assert test_instruction_following_loose(example, response).follow_instruction_list == loose
-
-
-def test_score_is_the_strict_fraction_followed() -> None:
-    assert score(OK, LOWER_NO_COMMA_SHORT) == 1.0
-    assert score("P" + OK[1:], LOWER_NO_COMMA_SHORT) == pytest.approx(2 / 3)
-    assert score(OK + " " + OK.replace("water and", "water,"), LOWER_NO_COMMA_SHORT) == pytest.approx(1 / 3)
-    assert score("", LOWER_NO_COMMA_SHORT) == 0.0
-    assert score(TIPS_OK + "\nHope this helps!", TIPS) == 0.75
-    with pytest.raises(ValueError):
-        score(OK, [])
 
 
 def test_ifeval_record_is_scored_by_lm_eval_process_results() -> None:

@@ -280,18 +280,6 @@ def check(response: str, constraints: Iterable[Constraint], loose: bool = False)
     return verdicts
 
 
-def score(response: str, constraints: Sequence[Constraint]) -> float:
-    """Fraction of constraints the response follows (strict), from 0.0 to 1.0.
-
-    An empty constraint list raises rather than returning a vacuous 1.0 that would look like a
-    perfect score.
-    """
-    if not constraints:
-        raise ValueError("score() needs at least one constraint")
-    verdicts = check(response, constraints)
-    return sum(verdicts) / len(verdicts)
-
-
 def to_ifeval_record(key: int, prompt: str, constraints: Sequence[Constraint]) -> dict[str, Any]:
     """A row in google/IFEval's schema, scorable by lm-eval's ``ifeval`` ``process_results``.
 
