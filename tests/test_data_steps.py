@@ -5,6 +5,7 @@ import json
 import pytest
 from conftest import kill_when, run_cli
 
+from synthetic_instruction_tuner import constraints as ic
 from synthetic_instruction_tuner.config import load_config
 from synthetic_instruction_tuner.preferences import (
     SFT_SOURCES,
@@ -145,7 +146,6 @@ def test_constraint_pairs_pass_against_fail_at_similar_length():
 def test_prompts_whose_samples_all_fail_get_a_backtranslated_pair():
     import random
 
-    from synthetic_instruction_tuner import constraints as ic
     from synthetic_instruction_tuner.preferences import backtranslated_pair
 
     samples = _constraint_samples((0.0, 1, 0.5, "stop"), (0.0, 1, 1.1, "stop"))
@@ -186,9 +186,14 @@ def test_sft_mix_is_written_with_its_sources(smoke_run):
         user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
         assert row["source"] in SFT_SOURCES and user.startswith(sft[row["id"]]["instruction"].rstrip())
         assert bool(row["constraints"]) == (row["source"] != "plain")
+        cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]
+        assert all(ic.check(answer, cons))  # every row meets what its prompt asks, strictly
         if row["source"] == "back_translation":
-            assert answer == sft[row["id"]]["response"] and user != sft[row["id"]]["instruction"]
+            assert user != sft[row["id"]]["instruction"]
+            assert (answer == sft[row["id"]]["response"]) == (not row["edited"])
+            assert set(row["edited"]) <= {c.instruction_id for c in cons}
     assert any(r["source"] == "back_translation" for r in rows)  # the smoke share is 0.5 of 12 rows
+    assert summary["sft_train"]["format_edited"] == sum(bool(r["edited"]) for r in rows)
     rates = summary["constraint_pass_rates"]
     assert rates and all(
         0 <= v["passed"] <= v["samples"] and v["rate"] == round(v["passed"] / v["samples"], 3)

@@ -126,6 +126,9 @@ class PreferencesConfig:
     # a constraint prompt whose samples all pass or all fail gets a pair by back-translation: two of
     # its samples and constraints the one meets and the other does not, in place of its own
     backtranslate_pairs: bool = True
+    # ...and its chosen sample may have formats edited in (a title, a postscript, bullets...:
+    # format_edits), which its rejected sample then lacks
+    format_edits: bool = True
 
 
 @dataclass
@@ -138,6 +141,9 @@ class SftDataConfig:
     backtranslation_share: float = 0.5
     min_constraints: int = 1
     max_constraints: int = 3
+    # back-translated rows may also get formats edited into their response (format_edits): the
+    # generator's answers rarely carry a title, postscript, sections or highlights of their own
+    format_edits: bool = True
 
 
 @dataclass

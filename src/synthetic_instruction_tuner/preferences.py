@@ -28,6 +28,7 @@ from typing import Any
 
 from . import backtranslation as bt
 from . import constraints as ic
+from . import format_edits as fe
 from .config import Config, SamplingConfig
 from .errors import PipelineError
 from .generation import Completion, GenerationEngine, Request, chat_prompt_ids
@@ -345,13 +346,36 @@ def _score(
     return grouped
 
 
+def _separating(
+    instruction: str,
+    chosen: str,
+    rejected: str,
+    rng: random.Random,
+    k: int,
+    allowed: list[str] | None,
+    edits: bool,
+) -> tuple[str, list[ic.Constraint]]:
+    """``chosen`` (formats edited in when ``edits``) and constraints it meets that ``rejected`` does
+    not all meet, or ``(chosen, [])``."""
+    if not edits:
+        return chosen, bt.separating_constraints(chosen, rejected, rng, k, allowed)
+    text, cons, _ = fe.edit_in(instruction, chosen, rng, k, allowed)
+    return (text, cons) if cons and not all(ic.check(rejected, cons)) else (chosen, [])
+
+
 def backtranslated_pair(
-    instruction: str, samples: list[dict[str, Any]], rng: random.Random, k: int, allowed: list[str] | None
+    instruction: str,
+    samples: list[dict[str, Any]],
+    rng: random.Random,
+    k: int,
+    allowed: list[str] | None,
+    edits: bool = False,
 ) -> dict[str, Any] | None:
     """For a prompt whose samples all pass or all fail its constraints: two of its samples and
-    constraints that the first meets and the second does not, written into the bare instruction
-    (constraint back-translation applied to a pair: chosen passes every check, rejected fails one).
-    Pairs are tried as `select_constraint_pair` ranks them: ended on its own, then similar length."""
+    constraints that the first meets (after format edits, with ``edits``) and the second does not,
+    written into the bare instruction (constraint back-translation applied to a pair: chosen passes
+    every check, rejected fails one). Pairs are tried as `select_constraint_pair` ranks them: ended
+    on its own, then similar length."""
     usable = [s for s in samples if s["response"].strip()]
 
     def key(pair: tuple[dict[str, Any], dict[str, Any]]) -> tuple:
@@ -359,13 +383,15 @@ def backtranslated_pair(
         return (c["finish_reason"] != "stop", _length_gap(c, r), c["temperature"], r["temperature"])
 
     for chosen, rejected in sorted(((a, b) for a in usable for b in usable if a is not b), key=key):
-        cons = bt.separating_constraints(chosen["response"], rejected["response"], rng, k, allowed)
+        text, cons = _separating(
+            instruction, chosen["response"], rejected["response"], rng, k, allowed, edits
+        )
         if cons:
             fraction = sum(ic.check(rejected["response"], cons)) / len(cons)
             return {
                 "prompt": ic.add_constraints(instruction, cons),
                 "constraints": cons,
-                "chosen": {**chosen, "score": 1.0},
+                "chosen": {**chosen, "response": text, "score": 1.0},
                 "rejected": {**rejected, "score": fraction},
                 "margin": 1.0 - fraction,
             }
@@ -386,7 +412,7 @@ def _pairs(
         if pair is None and reason in ("none_pass", "all_pass") and p.backtranslate_pairs:
             rng = _rng(cfg.seed, "pair-backtranslation", pid)
             k = rng.randint(p.min_constraints, p.max_constraints)
-            pair = backtranslated_pair(prompt["instruction"], group, rng, k, p.constraint_ids)
+            pair = backtranslated_pair(prompt["instruction"], group, rng, k, p.constraint_ids, p.format_edits)
             if pair is not None:
                 text, cons, source = pair["prompt"], pair["constraints"], "back_translation"
         if pair is None:
@@ -413,12 +439,15 @@ def _pairs(
     return pairs, skipped
 
 
-def _sft_row(record_id: str, prompt: str, response: str, source: str, cons: list[ic.Constraint]) -> dict:
+def _sft_row(
+    record_id: str, prompt: str, response: str, source: str, cons: list[ic.Constraint], edited: list[str] = ()
+) -> dict:
     return {
         "id": record_id,
         "messages": [*user_turn(prompt), {"role": "assistant", "content": response}],
         "source": source,
         "constraints": _serialise(cons),
+        "edited": list(edited),  # constraint ids whose format was edited into the response
     }
 
 
@@ -426,8 +455,8 @@ def sft_train_rows(
     rest: list[dict[str, Any]], grouped: dict[str, list[dict]], by_prompt: dict[str, dict], cfg: Config
 ) -> list[dict[str, Any]]:
     """One SFT row per training record: the constrained prompt with a sample that passes every check
-    (rejection sampling); else, for a share of rows, constraints the response already meets
-    (back-translation); else the plain row."""
+    (rejection sampling); else, for a share of rows, constraints the response already meets or has
+    had its format edited to meet (back-translation); else the plain row."""
     d = cfg.sft_data
     rows = []
     for record in rest:
@@ -447,12 +476,17 @@ def sft_train_rows(
             continue
         rng = _rng(cfg.seed, "backtranslation", pid)
         cons: list[ic.Constraint] = []
+        response, edited = record["response"], []
         if rng.random() < d.backtranslation_share:
             k = rng.randint(d.min_constraints, d.max_constraints)
-            cons = bt.backtranslate(record["response"], rng, k, cfg.preferences.constraint_ids)
+            allowed = cfg.preferences.constraint_ids
+            if d.format_edits:
+                response, cons, edited = fe.edit_in(record["instruction"], response, rng, k, allowed)
+            else:
+                cons = bt.backtranslate(response, rng, k, allowed)
         if cons:
             prompt_text = ic.add_constraints(record["instruction"], cons)
-            rows.append(_sft_row(pid, prompt_text, record["response"], "back_translation", cons))
+            rows.append(_sft_row(pid, prompt_text, response, "back_translation", cons, edited))
         else:
             rows.append(_sft_row(pid, record["instruction"], record["response"], "plain", []))
     return rows
@@ -508,6 +542,8 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
         "sft_train": {
             "rows": len(sft_rows),
             **{src: sum(r["source"] == src for r in sft_rows) for src in SFT_SOURCES},
+            "format_edited": sum(bool(r["edited"]) for r in sft_rows),
+            "edits": dict(Counter(e for r in sft_rows for e in r["edited"])),
         },
         "scorer": p.scorer,
         "temperatures": p.temperatures,

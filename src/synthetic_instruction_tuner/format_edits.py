@@ -1,0 +1,278 @@
+"""Format edits: rewrite a response so it meets a format constraint, then write that constraint into
+its prompt.
+
+Back-translation (`backtranslation`) can only name constraints a response already meets, and a
+135M generator's answers almost never carry a title, a postscript, sections or highlights, which are
+half of IFEval's families. Those formats are mechanical, though: the same answer with ``<<Its
+Title>>`` on top, its last sentence moved into a ``P.S.``, its sentences as ``*`` bullets or under
+``Section 1``/``Section 2`` headers is still the teacher's content, now in the requested shape.
+This follows the rule-based rewriting of instruction-following data in Conifer and AutoIF's
+verified augmentation: every edit is confirmed by lm-eval's own checker (`constraints.check`), and
+an edit that the checker rejects, alone or together with the prompt's other constraints, is dropped.
+
+Kwargs stay inside the ranges `constraints` samples held-out prompts from (2-5 bullets or sections,
+1-4 highlights, 1-3 placeholders), so training prompts read like evaluation prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import backtranslation as bt
+from . import constraints as ic
+
+Edit = tuple[str, dict[str, Any]]
+Editor = Callable[[str, str, random.Random], Edit | None]
+
+_LIST_LINE = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+(.*\S)\s*$")
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in bt._util().split_into_sentences(text.strip()) if s.strip()]
+
+
+def _blocks(response: str) -> tuple[list[str], str]:
+    """Paragraphs when the response has several, else its sentences (the units a layout regroups),
+    and how units of one group are joined."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", response.strip()) if p.strip()]
+    return (paragraphs, "\n\n") if len(paragraphs) >= 2 else (_sentences(response), " ")
+
+
+# Request openers and trailing function words that make poor title words
+# ("Can you suggest some ways to" -> "Ways").
+_LEAD = frozenset(
+    (
+        "can", "could", "would", "will", "you", "please", "help", "me", "i", "how", "do", "does",
+        "what", "is", "are", "tell", "give", "provide", "suggest", "write", "explain", "describe",
+        "need", "want", "to", "a", "an", "the", "some", "my", "us", "we", "should", "create",
+        "generate", "list", "make", "lets", "let's", "hey", "hi", "hello", "so", "ok", "okay",
+        "here's", "here",
+    )
+)  # fmt: skip
+_TAIL = frozenset(
+    (
+        "to", "a", "an", "the", "of", "for", "and", "with", "in", "on", "some", "my", "your",
+        "that", "this", "is", "are", "be", "or", "at", "by", "from", "as",
+    )
+)  # fmt: skip
+
+
+def _title_words(text: str) -> list[str]:
+    words = re.findall(r"[A-Za-z][A-Za-z'-]*", _sentences(text)[0] if text.strip() else "")
+    while words and words[0].lower() in _LEAD:
+        words.pop(0)
+    words = words[:5]
+    while words and words[-1].lower() in _TAIL:
+        words.pop()
+    return words
+
+
+def _title(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    """A title from the request's first sentence (or the answer's), without its request words."""
+    words = _title_words(instruction)
+    if len(words) < 2:
+        words = _title_words(response)
+    if len(words) < 2:
+        return None
+    title = " ".join(w if w.isupper() else w.capitalize() for w in words)
+    return f"<<{title}>>\n\n{response.strip()}", {}
+
+
+def _postscript(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    marker = rng.choice(("P.S.", "P.P.S"))
+    sentences = _sentences(response)
+    last = sentences[-1] if len(sentences) >= 3 else ""
+    body = response.strip()
+    movable = len(re.findall(r"[A-Za-z]+", last)) >= 3 and "\n" not in last and body.endswith(last)
+    if movable:  # its closing sentence becomes the P.S.
+        body, note = body[: -len(last)].rstrip(), last
+    else:
+        note = "I hope this helps."
+    return f"{body}\n\n{marker} {note}", {"postscript_marker": marker}
+
+
+_PROPER = re.compile(r"(?<=[a-z,;] )[A-Z][a-z]+(?: [A-Z][a-z]+)*")
+# a number, but not a list marker ("2. Mix the flour") or a section header's index
+_NUMBER = re.compile(r"(?<![\w\n,.])(?<!^)\d(?:[\d,.]*\d)?(?![.)]\s)\b", flags=re.MULTILINE)
+
+
+def _placeholders(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    """Specifics (names mid-sentence, numbers) become ``[name]``/``[number]``; a sign-off with
+    ``[your name]`` makes up the count where the answer has too few."""
+    want = rng.randint(1, 3)
+    text, made = response.strip(), 0
+    for pattern, slot in ((_PROPER, "[name]"), (_NUMBER, "[number]")):
+        while made < want and (match := pattern.search(text)):
+            text, made = text[: match.start()] + slot + text[match.end() :], made + 1
+    if made < want:
+        text, made = f"{text}\n\nBest regards,\n[your name]", made + 1
+    return text, {"num_placeholders": made}
+
+
+def _bullets(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    """An existing numbered or dashed list becomes ``*`` bullets; otherwise every sentence does."""
+    lines = response.strip().splitlines()
+    items = [m.group(1) for line in lines if (m := _LIST_LINE.match(line))]
+    if 2 <= len(items) <= 5:
+        out = [f"* {m.group(1)}" if (m := _LIST_LINE.match(line)) else line for line in lines]
+        return "\n".join(out), {"num_bullets": len(items)}
+    sentences = _sentences(response)
+    if not 2 <= len(sentences) <= 5 or any(s.startswith(("*", "-")) for s in sentences):
+        return None
+    return "\n".join(f"* {' '.join(s.split())}" for s in sentences), {"num_bullets": len(sentences)}
+
+
+def _highlights(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    """Whole sentences become ``*highlighted*``; one that starts a line would read as a bullet."""
+    text = response.strip()
+    spans = [s for s in _sentences(text) if "*" not in s and "\n" not in s and not text.startswith(s)]
+    if not spans:
+        return None
+    picked = rng.sample(spans, rng.randint(1, min(4, len(spans))))
+    for span in picked:
+        text = text.replace(span, f"*{span}*", 1)
+    return text, {"num_highlights": len(picked)}
+
+
+def _grouped(units: list[str], joiner: str, parts: int) -> list[str]:
+    """``units`` in ``parts`` consecutive groups of near-equal size."""
+    size, extra = divmod(len(units), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        out.append(joiner.join(units[start:end]))
+        start = end
+    return out
+
+
+def _sections(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    units, joiner = _blocks(response)
+    if len(units) < 2:
+        return None
+    splitter, parts = rng.choice(("Section", "SECTION")), rng.randint(2, min(5, len(units)))
+    groups = _grouped(units, joiner, parts)
+    body = "\n\n".join(f"{splitter} {i}\n{part}" for i, part in enumerate(groups, 1))
+    return body, {"section_spliter": splitter, "num_sections": parts}
+
+
+def _paragraphs(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    units, joiner = _blocks(response)
+    if len(units) < 2 or "***" in response:
+        return None
+    parts = rng.randint(2, min(5, len(units)))
+    return "\n\n***\n\n".join(_grouped(units, joiner, parts)), {"num_paragraphs": parts}
+
+
+def _capitals(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    """A few content words in capitals for emphasis: the "at least" side that deriving cannot give."""
+    words = sorted(bt._content_words(response))
+    if len(words) < 2:
+        return None
+    picked = rng.sample(words, rng.randint(2, min(5, len(words))))
+    text = response.strip()
+    for word in picked:
+        text = re.sub(rf"\b{word}\b", word.upper(), text, count=1, flags=re.IGNORECASE)
+    count = sum(1 for w in bt._util().nltk.word_tokenize(text) if w.isupper())
+    return text, {"capital_frequency": min(count, 5), "capital_relation": "at least"}
+
+
+def _end_phrase(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    phrase = rng.choice(ic._END_PHRASES)
+    return f"{response.strip()} {phrase}", {"end_phrase": phrase}
+
+
+# How each family is edited into a response: (edited response, kwargs), or None when the response
+# gives nothing to edit. Families missing here are only ever derived (backtranslation.DERIVERS).
+EDITORS: dict[str, Editor] = {
+    "detectable_format:title": _title,
+    "detectable_content:postscript": _postscript,
+    "detectable_content:number_placeholders": _placeholders,
+    "detectable_format:number_bullet_lists": _bullets,
+    "detectable_format:number_highlighted_sections": _highlights,
+    "detectable_format:multiple_sections": _sections,
+    "length_constraints:number_paragraphs": _paragraphs,
+    "change_case:capital_word_frequency": _capitals,
+    "startend:end_checker": _end_phrase,
+    "change_case:english_lowercase": lambda r, i, rng: (r.strip().lower(), {}),
+    "change_case:english_capital": lambda r, i, rng: (r.strip().upper(), {}),
+    "startend:quotation": lambda r, i, rng: (f'"{r.strip()}"', {}),
+    "detectable_format:json_format": lambda r, i, rng: (json.dumps({"response": r.strip()}, indent=2), {}),
+}
+
+# Edits run inside-out, so a later one wraps what an earlier one made: words and highlights first,
+# then the layout, then what goes around it (title, postscript, closing phrase), then the case, and
+# quotes or JSON last of all.
+_ORDER = (
+    "change_case:capital_word_frequency",
+    "detectable_content:number_placeholders",
+    "detectable_format:number_highlighted_sections",
+    "detectable_format:number_bullet_lists",
+    "detectable_format:multiple_sections",
+    "length_constraints:number_paragraphs",
+    "detectable_format:title",
+    "detectable_content:postscript",
+    "startend:end_checker",
+    "change_case:english_lowercase",
+    "change_case:english_capital",
+    "startend:quotation",
+    "detectable_format:json_format",
+)
+
+
+def _plan(
+    response: str, rng: random.Random, k: int, allowed: Sequence[str] | None, edit_rate: float
+) -> tuple[list[str], list[str]]:
+    """Up to ``k`` compatible families, split into those to edit in and those to derive."""
+    families = [f for f in (allowed or ic.SUPPORTED_IDS) if f in bt.DERIVERS or f in EDITORS]
+    rng.shuffle(families)
+    table = ic.conflicts()
+    picked: list[str] = []
+    for family in families:
+        if len(picked) == k:
+            break
+        if not any(other in table[family] for other in picked):
+            picked.append(family)
+    edit, derive = [], []
+    for family in picked:
+        derivable = family in bt.DERIVERS and bt.met_constraints(response, random.Random(0), [family])
+        if family in EDITORS and (not derivable or rng.random() < edit_rate):
+            edit.append(family)
+        else:
+            derive.append(family)
+    return edit, derive
+
+
+def edit_in(
+    instruction: str,
+    response: str,
+    rng: random.Random,
+    k: int,
+    allowed: Sequence[str] | None = None,
+    edit_rate: float = 0.5,
+) -> tuple[str, list[ic.Constraint], list[str]]:
+    """Up to ``k`` compatible constraints for ``response``, editing formats in where it lacks them.
+
+    Returns the (possibly edited) response, constraints it meets under lm-eval's strict check, and
+    the ids that were edited in. A family the response already meets is derived, or with
+    probability ``edit_rate`` edited in anyway where an editor exists; the rest are derived from the
+    edited text, so a word bound counts the title and postscript too.
+    """
+    edit, derive = _plan(response, rng, k, allowed, edit_rate)
+    text, chosen, edited = response.strip(), [], []
+    for family in sorted(edit, key=_ORDER.index):
+        result = EDITORS[family](text, instruction, rng)
+        if result is None:
+            continue
+        candidate, kwargs = result
+        constraint = ic.Constraint(family, kwargs)
+        if all(ic.check(candidate, [*chosen, constraint])):
+            text, edited = candidate, [*edited, family]
+            chosen.append(constraint)
+    for constraint in bt.met_constraints(text, rng, derive) if derive else []:
+        if all(ic.check(text, [*chosen, constraint])):
+            chosen.append(constraint)
+    return text, chosen, edited
