@@ -59,9 +59,9 @@ def test_layouts_keep_the_answer_and_put_things_where_a_reader_expects_them():
 
 def test_placeholders_replace_names_and_numbers_but_never_list_markers():
     text, kwargs = fe.EDITORS["detectable_content:number_placeholders"](
-        "Steps:\n1. Call Mary Jones at noon.\n2. Book 3 rooms.", "", random.Random(2)
+        "Section 1\nSteps:\n1. Call Mary Jones at noon.\n2. Book 3 rooms.", "", random.Random(2)
     )
-    assert text.startswith("Steps:\n1. Call [name] at noon.\n2. Book")
+    assert text.startswith("Section 1\nSteps:\n1. Call [name] at noon.\n2. Book")
     assert ic.check(text, [ic.Constraint("detectable_content:number_placeholders", kwargs)]) == [True]
 
 

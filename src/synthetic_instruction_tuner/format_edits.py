@@ -97,7 +97,10 @@ def _postscript(response: str, instruction: str, rng: random.Random) -> Edit | N
 
 _PROPER = re.compile(r"(?<=[a-z,;] )[A-Z][a-z]+(?: [A-Z][a-z]+)*")
 # a number, but not a list marker ("2. Mix the flour") or a section header's index
-_NUMBER = re.compile(r"(?<![\w\n,.])(?<!^)\d(?:[\d,.]*\d)?(?![.)]\s)\b", flags=re.MULTILINE)
+_NUMBER = re.compile(
+    r"(?<![\w\n,.])(?<!^)(?<!section )(?<!SECTION )(?<!Section )\d(?:[\d,.]*\d)?(?![.)]\s)\b",
+    flags=re.MULTILINE,
+)
 
 
 def _placeholders(response: str, instruction: str, rng: random.Random) -> Edit | None:
