@@ -14,6 +14,7 @@ from synthetic_instruction_tuner.preferences import (
     rejection_sample,
     select_constraint_pair,
     select_pair,
+    sft_train_rows,
     split_heldout,
 )
 from synthetic_instruction_tuner.store import read_jsonl, run_paths
@@ -184,13 +185,14 @@ def test_sft_mix_is_written_with_its_sources(smoke_run):
     )
     for row in rows:
         user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
-        assert row["source"] in SFT_SOURCES and user.startswith(sft[row["id"]]["instruction"].rstrip())
+        record = sft[row["record_id"]]
+        assert row["source"] in SFT_SOURCES and user.startswith(record["instruction"].rstrip())
         assert bool(row["constraints"]) == (row["source"] != "plain")
         cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]
         assert all(ic.check(answer, cons))  # every row meets what its prompt asks, strictly
         if row["source"] == "back_translation":
-            assert user != sft[row["id"]]["instruction"]
-            assert (answer == sft[row["id"]]["response"]) == (not row["edited"])
+            assert user != record["instruction"]
+            assert (answer == record["response"]) == (not row["edited"])
             assert set(row["edited"]) <= {c.instruction_id for c in cons}
     assert any(r["source"] == "back_translation" for r in rows)  # the smoke share is 0.5 of 12 rows
     assert summary["sft_train"]["format_edited"] == sum(bool(r["edited"]) for r in rows)
@@ -199,6 +201,36 @@ def test_sft_mix_is_written_with_its_sources(smoke_run):
         0 <= v["passed"] <= v["samples"] and v["rate"] == round(v["passed"] / v["samples"], 3)
         for v in rates.values()
     )
+
+
+def test_variants_back_translate_each_answer_again_and_stay_on_one_side_of_the_split():
+    from synthetic_instruction_tuner.training import _split
+
+    cfg = load_config("smoke", ["sft_data.variants=3", "sft_data.backtranslation_share=1.0"])
+    records = [
+        {
+            "id": f"r{i}",
+            "instruction": f"Give me advice number {i} about keeping a garden healthy.",
+            "response": "Water the beds early in the morning. Pull weeds before they seed. Mulch keeps "
+            f"the soil moist for {i + 2} days longer. Rotate crops every year.",
+        }
+        for i in range(6)
+    ]
+    rows = sft_train_rows(records, {}, {}, cfg)
+    assert [r["id"] for r in rows[:3]] == ["r0", "r0~2", "r0~3"] and len(rows) == 18
+    assert {r["record_id"] for r in rows} == {f"r{i}" for i in range(6)}
+    assert all(r["source"] == "back_translation" for r in rows)
+    prompts = {r["messages"][0]["content"] for r in rows}
+    assert len(prompts) > 6  # variants carry constraints of their own
+    for row in rows:
+        cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]
+        assert all(ic.check(row["messages"][1]["content"], cons))
+    train, evaluation = _split(rows, 0.2, 0, "sft rows", key="record_id")
+    assert {r["record_id"] for r in train}.isdisjoint({r["record_id"] for r in evaluation})
+    assert len(evaluation) == 3 and len(train) == 15
+    # one variant per answer is the row set step 04 wrote before variants existed
+    single = sft_train_rows(records, {}, {}, load_config("smoke", ["sft_data.backtranslation_share=1.0"]))
+    assert single == [r for r in rows if "~" not in r["id"]]
 
 
 def test_combined_scores():

@@ -144,6 +144,9 @@ class SftDataConfig:
     # back-translated rows may also get formats edited into their response (format_edits): the
     # generator's answers rarely carry a title, postscript, sections or highlights of their own
     format_edits: bool = True
+    # rows per training answer: each beyond the first is another back-translation of it (other
+    # constraints, other edits), so a small set shows each format more often than repeating rows would
+    variants: int = 1
 
 
 @dataclass
@@ -451,6 +454,8 @@ def _check_consistency(cfg: Config, source: str) -> None:
     d = cfg.sft_data
     if not 0 <= d.backtranslation_share <= 1:
         raise ConfigError(f"{source}: sft_data.backtranslation_share must be within [0, 1]")
+    if d.variants < 1:
+        raise ConfigError(f"{source}: sft_data.variants must be at least 1")
     if not 1 <= d.min_constraints <= d.max_constraints:
         raise ConfigError(f"{source}: sft_data needs 1 <= min_constraints <= max_constraints")
     if len(cfg.dpo.loss_weights or cfg.dpo.loss_type) != len(cfg.dpo.loss_type):

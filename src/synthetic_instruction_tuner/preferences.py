@@ -440,10 +440,11 @@ def _pairs(
 
 
 def _sft_row(
-    record_id: str, prompt: str, response: str, source: str, cons: list[ic.Constraint], edited: list[str] = ()
+    row_id: str, prompt: str, response: str, source: str, cons: list[ic.Constraint], edited: list[str] = ()
 ) -> dict:
     return {
-        "id": record_id,
+        "id": row_id,
+        "record_id": row_id.split("~")[0],  # the sft.jsonl row it comes from
         "messages": [*user_turn(prompt), {"role": "assistant", "content": response}],
         "source": source,
         "constraints": _serialise(cons),
@@ -451,44 +452,57 @@ def _sft_row(
     }
 
 
+def _backtranslated_row(
+    record: dict[str, Any], row_id: str, cfg: Config, always: bool = False
+) -> dict | None:
+    """``record`` with 1-3 constraints its response meets (formats edited in where
+    ``sft_data.format_edits``), for a ``backtranslation_share`` of rows (all with ``always``)."""
+    d = cfg.sft_data
+    rng = _rng(cfg.seed, "backtranslation", row_id)
+    if rng.random() >= d.backtranslation_share and not always:
+        return None
+    k = rng.randint(d.min_constraints, d.max_constraints)
+    allowed, response, edited = cfg.preferences.constraint_ids, record["response"], []
+    if d.format_edits:
+        response, cons, edited = fe.edit_in(record["instruction"], response, rng, k, allowed)
+    else:
+        cons = bt.backtranslate(response, rng, k, allowed)
+    if not cons:
+        return None
+    prompt = ic.add_constraints(record["instruction"], cons)
+    return _sft_row(row_id, prompt, response, "back_translation", cons, edited)
+
+
 def sft_train_rows(
     rest: list[dict[str, Any]], grouped: dict[str, list[dict]], by_prompt: dict[str, dict], cfg: Config
 ) -> list[dict[str, Any]]:
-    """One SFT row per training record: the constrained prompt with a sample that passes every check
+    """Rows per training record: the constrained prompt with a sample that passes every check
     (rejection sampling); else, for a share of rows, constraints the response already meets or has
-    had its format edited to meet (back-translation); else the plain row."""
+    had its format edited to meet (back-translation); else the plain row. With
+    ``sft_data.variants`` > 1, each record adds that many minus one back-translated variants
+    (ids ``<id>~2``...), each with constraints of its own."""
     d = cfg.sft_data
     rows = []
     for record in rest:
         pid = record["id"]
+        prompt = by_prompt.get(pid, {})
         sample = (
             rejection_sample(grouped.get(pid, []))
-            if d.rejection_sampling and by_prompt.get(pid, {}).get("constraints")
+            if d.rejection_sampling and prompt.get("constraints")
             else None
         )
         if sample is not None:
-            prompt = by_prompt[pid]
-            rows.append(
-                _sft_row(
-                    pid, prompt["prompt"], sample["response"], "rejection_sampling", prompt["constraints"]
-                )
+            row = _sft_row(
+                pid, prompt["prompt"], sample["response"], "rejection_sampling", prompt["constraints"]
             )
-            continue
-        rng = _rng(cfg.seed, "backtranslation", pid)
-        cons: list[ic.Constraint] = []
-        response, edited = record["response"], []
-        if rng.random() < d.backtranslation_share:
-            k = rng.randint(d.min_constraints, d.max_constraints)
-            allowed = cfg.preferences.constraint_ids
-            if d.format_edits:
-                response, cons, edited = fe.edit_in(record["instruction"], response, rng, k, allowed)
-            else:
-                cons = bt.backtranslate(response, rng, k, allowed)
-        if cons:
-            prompt_text = ic.add_constraints(record["instruction"], cons)
-            rows.append(_sft_row(pid, prompt_text, response, "back_translation", cons, edited))
         else:
-            rows.append(_sft_row(pid, record["instruction"], record["response"], "plain", []))
+            plain = _sft_row(pid, record["instruction"], record["response"], "plain", [])
+            row = _backtranslated_row(record, pid, cfg) or plain
+        rows.append(row)
+        for j in range(2, d.variants + 1):
+            variant = _backtranslated_row(record, f"{pid}~{j}", cfg, always=True)
+            if variant is not None:
+                rows.append(variant)
     return rows
 
 

@@ -203,9 +203,10 @@ def constraint_data_tables(paths: RunPaths) -> tuple[Any, Any]:
                 "rows": mix.get("rejection_sampling", 0),
             },
             {
-                "source": "back-translation (constraints the answer already meets)",
+                "source": "back-translation (constraints the answer meets, formats edited in)",
                 "rows": mix.get("back_translation", 0),
             },
+            {"source": "  of which with formats edited in", "rows": mix.get("format_edited", 0)},
             {"source": "plain (no constraints)", "rows": mix.get("plain", 0)},
         ]
     )

@@ -153,18 +153,21 @@ def heldout_ids(paths: RunPaths) -> set[str]:
     return {r["id"] for r in read_jsonl(paths.file("heldout.jsonl"), required=("id",))}
 
 
-def _split(rows: list[dict[str, Any]], fraction: float, seed: int, what: str) -> tuple[list, list]:
-    if len(rows) < 2:
+def _split(
+    rows: list[dict[str, Any]], fraction: float, seed: int, what: str, key: str = "id"
+) -> tuple[list, list]:
+    """Train / eval rows, split by ``key`` so that rows sharing it (variants of one answer) stay on
+    one side."""
+    groups = list(dict.fromkeys(r[key] for r in rows))
+    if len(groups) < 2:
         raise PipelineError(
-            f"only {len(rows)} {what}: not enough to train and evaluate; raise the profile's counts"
+            f"only {len(groups)} {what}: not enough to train and evaluate; raise the profile's counts"
         )
-    n_eval = max(1, round(len(rows) * fraction))
-    order = list(range(len(rows)))
+    n_eval = max(1, round(len(groups) * fraction))
+    order = list(range(len(groups)))
     random.Random(f"{seed}:{what}").shuffle(order)
-    eval_idx = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in eval_idx], [
-        r for i, r in enumerate(rows) if i in eval_idx
-    ]
+    eval_groups = {groups[i] for i in order[:n_eval]}
+    return [r for r in rows if r[key] not in eval_groups], [r for r in rows if r[key] in eval_groups]
 
 
 def sft_splits(paths: RunPaths, cfg: Config) -> tuple[Any, Any]:
@@ -174,11 +177,11 @@ def sft_splits(paths: RunPaths, cfg: Config) -> tuple[Any, Any]:
 
     excluded = heldout_ids(paths)
     rows = [
-        {"messages": r["messages"]} | {"id": r["id"]}
+        {"messages": r["messages"], "id": r["id"], "record_id": r.get("record_id", r["id"])}
         for r in read_jsonl(paths.file("sft_train.jsonl"), ("id", "messages"))
-        if r["id"] not in excluded
+        if r.get("record_id", r["id"]) not in excluded
     ]
-    train, evaluation = _split(rows, cfg.sft.eval_fraction, cfg.seed, "sft rows")
+    train, evaluation = _split(rows, cfg.sft.eval_fraction, cfg.seed, "sft rows", key="record_id")
     return Dataset.from_list(train), Dataset.from_list(evaluation)
 
 
