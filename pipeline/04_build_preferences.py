@@ -18,14 +18,16 @@
 #
 # The same sweep builds the SFT set (`sft_data`): a constraint prompt with a sample that passes every
 # check trains on that sample (rejection sampling: the teacher's best of N, not its typical answer);
-# a share of the other rows get constraints their response already meets written into their prompt
-# (constraint back-translation, correct by construction); the rest stay plain.
+# a share of the other rows get constraints written into their prompt that their response meets,
+# read off it or, for formats it lacks (a title, a postscript, bullets, sections, highlights...),
+# edited into it (constraint back-translation with format edits, each checked by lm-eval's checker);
+# the rest stay plain. `sft_data.variants` back-translates each answer more than once.
 #
 # **Inputs.** `data/sft.jsonl` (step 03).
 #
 # **Outputs.** `data/heldout.jsonl` (IFEval schema plus the reference response),
 # `data/preferences.jsonl` (TRL conversational `prompt`/`chosen`/`rejected` plus scores, temperatures
-# and scorer), `data/sft_train.jsonl` (chat `messages` with their `source` and `constraints`),
+# and scorer), `data/sft_train.jsonl` (chat `messages` with their `source`, `constraints` and the `edited` ones),
 # `data/preferences_summary.json` (with pass rates per constraint family); the sweep's samples and scores are appended to
 # `data/preference_samples.jsonl` and `data/preference_scores.jsonl` so a killed run resumes.
 

@@ -144,6 +144,7 @@ def test_reports_are_built_with_tables_and_figures(smoke_run):
 COMPARISONS = {
     "sft_lora - base",
     "dpo - sft_lora",
+    "dpo - base",
     "prompt_tuning - base",
     "sft_lora - teacher",
     "prompt_tuning - teacher",

@@ -33,6 +33,7 @@ from .store import RunPaths, read_jsonl
 COMPARISONS = (
     ("sft_lora", "base"),
     ("dpo", "sft_lora"),
+    ("dpo", "base"),
     ("prompt_tuning", "base"),
     ("sft_lora", "teacher"),
     ("prompt_tuning", "teacher"),
