@@ -229,6 +229,7 @@ def test_report_shows_paired_statistics_and_the_teacher(smoke_run):
     assert set(rows["comparison"]) == {
         "LoRA SFT \u2212 base model",
         "DPO (on SFT) \u2212 LoRA SFT",
+        "DPO (on SFT) \u2212 base model",
         "prompt tuning \u2212 base model",
         "LoRA SFT \u2212 teacher (generator)",
         "prompt tuning \u2212 teacher (generator)",

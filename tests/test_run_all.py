@@ -89,7 +89,9 @@ def test_corrupt_jsonl_line_stops_the_step_naming_file_and_line(tmp_path):
     (data / "instructions.jsonl").write_text(text)
     result = run_cli(["--profile", "smoke", "--run-dir", str(run), "--steps", "01"])
     assert result.returncode == 1
-    (line,) = result.stderr.strip().splitlines()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
     assert "step 01_generate_instructions failed in cell" in line
     assert "DataError" in line and "instructions.jsonl:2: invalid JSON" in line
     assert (data / "instructions.jsonl").read_text() == text
