@@ -43,8 +43,8 @@ fig = reporting.metric_bars_figure(ctx.paths)
 # %% [markdown]
 # ## Differences on the same prompts
 #
-# Each comparison is first − second, prompt by prompt: SFT − base, DPO − SFT, prompt tuning − base, and
-# each student − its teacher. An interval that excludes 0, or a McNemar p below 0.05, is a difference
+# Each comparison is first − second, prompt by prompt: SFT − base, DPO − SFT, DPO − base, prompt tuning − base,
+# and each student − its teacher. An interval that excludes 0, or a McNemar p below 0.05, is a difference
 # these prompts can tell.
 
 # %%
