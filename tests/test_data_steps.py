@@ -165,6 +165,24 @@ def test_prompts_whose_samples_all_fail_get_a_backtranslated_pair():
     )  # identical: nothing separates them
 
 
+def test_backtranslated_pairs_can_edit_a_format_into_the_chosen_answer():
+    import random
+
+    from synthetic_instruction_tuner.preferences import backtranslated_pair
+
+    same = _constraint_samples((0.0, 3, 0.5, "stop"), (0.0, 3, 1.1, "stop"))
+    formats = ["detectable_format:title", "detectable_content:postscript"]
+    pair = backtranslated_pair("Say hi.", same, random.Random(0), 1, formats, edits=True)
+    cons = pair["constraints"]  # identical samples: only an edit can separate them
+    assert len(cons) == 1 and cons[0].instruction_id in formats
+    assert pair["chosen"]["response"] != same[0]["response"] and all(
+        ic.check(pair["chosen"]["response"], cons)
+    )
+    assert pair["rejected"]["response"] == same[1]["response"] and not any(
+        ic.check(same[1]["response"], cons)
+    )
+
+
 def test_rejection_sampling_keeps_the_coolest_passing_answer_that_ended():
     samples = _constraint_samples(
         (1.0, 30, 0.5, "length"), (0.5, 20, 0.5, "stop"), (1.0, 25, 1.1, "stop"), (1.0, 12, 0.8, "stop")

@@ -171,14 +171,8 @@ def met_constraints(
 
 def pick_compatible(candidates: Sequence[ic.Constraint], k: int) -> list[ic.Constraint]:
     """The first ``k`` of ``candidates`` (in order) that conflict with none chosen before them."""
-    table = ic.conflicts()
-    chosen: list[ic.Constraint] = []
-    for constraint in candidates:
-        if len(chosen) == k:
-            break
-        if not any(c.instruction_id in table[constraint.instruction_id] for c in chosen):
-            chosen.append(constraint)
-    return chosen
+    by_id = {c.instruction_id: c for c in reversed(candidates)}  # the first of each id
+    return [by_id[i] for i in ic.first_compatible((c.instruction_id for c in candidates), k)]
 
 
 def backtranslate(

@@ -200,6 +200,18 @@ def conflicts() -> dict[str, frozenset[str]]:
     return {key: frozenset(value) for key, value in table.items()}
 
 
+def first_compatible(ids: Iterable[str], k: int) -> list[str]:
+    """The first ``k`` of ``ids`` (in order) that conflict with none picked before them."""
+    table = conflicts()
+    picked: list[str] = []
+    for instruction_id in ids:
+        if len(picked) == k:
+            break
+        if not any(other in table[instruction_id] for other in picked):
+            picked.append(instruction_id)
+    return picked
+
+
 def sample_constraints(rng: random.Random, k: int, allowed: Sequence[str] | None = None) -> list[Constraint]:
     """Draw ``k`` distinct, mutually compatible constraints with concrete kwargs, from ``allowed``
     (default: every supported id).
@@ -213,16 +225,10 @@ def sample_constraints(rng: random.Random, k: int, allowed: Sequence[str] | None
         raise ValueError(f"unsupported constraint id {unknown[0]!r} (supported: {', '.join(SUPPORTED_IDS)})")
     if not 0 <= k <= len(pool):
         raise ValueError(f"k must be between 0 and {len(pool)}, got {k}")
-    table = conflicts()
     for _ in range(_MAX_ATTEMPTS):
         order = list(pool)
         rng.shuffle(order)
-        chosen: list[str] = []
-        for instruction_id in order:
-            if len(chosen) == k:
-                break
-            if not any(other in table[instruction_id] for other in chosen):
-                chosen.append(instruction_id)
+        chosen = first_compatible(order, k)
         if len(chosen) == k:
             return [Constraint(i, _KWARG_SAMPLERS[i](rng)) for i in chosen]
     raise ValueError(f"could not find {k} mutually compatible constraints in {_MAX_ATTEMPTS} attempts")

@@ -232,15 +232,8 @@ def _plan(
     """Up to ``k`` compatible families, split into those to edit in and those to derive."""
     families = [f for f in (allowed or ic.SUPPORTED_IDS) if f in bt.DERIVERS or f in EDITORS]
     rng.shuffle(families)
-    table = ic.conflicts()
-    picked: list[str] = []
-    for family in families:
-        if len(picked) == k:
-            break
-        if not any(other in table[family] for other in picked):
-            picked.append(family)
     edit, derive = [], []
-    for family in picked:
+    for family in ic.first_compatible(families, k):
         derivable = family in bt.DERIVERS and bt.met_constraints(response, random.Random(0), [family])
         if family in EDITORS and (not derivable or rng.random() < edit_rate):
             edit.append(family)
