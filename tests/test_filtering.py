@@ -25,6 +25,7 @@ from synthetic_instruction_tuner.filtering import (
     repeated_ngram_ratio,
     rule_filter_reason,
     shingles,
+    trim_to_sentence,
 )
 
 CFG = FilteringConfig()
@@ -122,6 +123,37 @@ def test_truncated_kept_when_drop_truncated_is_off():
     cfg = dataclasses.replace(CFG, drop_truncated=False)
     assert rule_filter_reason(rec("x", finish_reason="length"), cfg) is None
     assert rule_filter_reason(rec("x", finish_reason=None), CFG) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Steps:\n1. Set the first leg.\n2. Now you can", "Steps:\n1. Set the first leg."),
+        ('He said "stop." Then we', 'He said "stop."'),
+        ("It costs 3.5 dollars. And 2. is", "It costs 3.5 dollars."),
+        ("Done! Really? Yes and", "Done! Really?"),
+        ("1. 2. 3. no sentence at all", None),
+    ],
+)
+def test_trim_to_sentence_cuts_after_the_last_sentence_end(text, expected):
+    assert trim_to_sentence(text) == expected
+
+
+def test_trim_truncated_keeps_cut_answers_trimmed_and_counts_them():
+    cut = RESPONSE + " And then the plant"
+    records = [
+        rec("a"),
+        rec("b", "Why do leaves look green, and what does chlorophyll do?", cut, finish_reason="length"),
+        rec("c", "What is a calendar file?", "1. 2. and then " + words(20), finish_reason="length"),
+    ]
+    original = json.dumps(records)
+    dropped = filter_records(records, NO_LANG, target=10)
+    assert [r["id"] for r in dropped.kept] == ["a"] and dropped.funnel["trimmed"] == 0
+    kept = filter_records(records, dataclasses.replace(NO_LANG, trim_truncated=True), target=10)
+    assert [r["id"] for r in kept.kept] == ["a", "b"]
+    assert kept.kept[1]["response"] == RESPONSE and kept.kept[1]["finish_reason"] == "trimmed"
+    assert kept.funnel["trimmed"] == 1 and kept.funnel["removed"]["truncated"] == 1
+    assert json.dumps(records) == original  # the caller's records are not changed
 
 
 def test_word_limits_are_inclusive():

@@ -57,6 +57,9 @@ def test_each_method_writes_adapter_and_metrics(smoke_run):
             assert metrics[key] is not None, key
     sft = json.loads((run / "adapters/sft_lora/metrics.json").read_text())
     assert sft["base_eval_loss"] > 0 and sft["global_step"] == load_config("smoke").sft.max_steps
+    # evaluated every save_steps (2 of 4), and the last of those is the final evaluation, not a rerun
+    assert [e["step"] for e in sft["curves"]["eval"]] == [2, 4]
+    assert sft["final_eval_loss"] == sft["curves"]["eval"][-1]["loss"]
     dpo = json.loads((run / "adapters/dpo/metrics.json").read_text())
     assert 0.0 <= dpo["eval_reward_accuracy"] <= 1.0 and "eval_reward_margin" in dpo
 

@@ -99,6 +99,11 @@ class FilteringConfig:
     min_response_words: int = 5
     max_response_words: int = 800
     drop_truncated: bool = True  # responses cut at max_new_tokens
+    # a cut response is trimmed back to its last complete sentence and kept, instead of dropped
+    trim_truncated: bool = False
+    # with trim_truncated: a longer response is trimmed to the last sentence end within this many words
+    # (None: no limit), so that training answers fit the evaluation's token budget
+    trim_words: int | None = None
     language: str | None = "en"  # langdetect code the text must be in; None disables the check
     min_langdetect_words: int = 8  # shorter text is not judged: langdetect calls "Write a haiku." Estonian
     max_repeated_ngram_ratio: float = 0.3  # share of repeated word n-grams above which text is degenerate

@@ -17,7 +17,10 @@ removed record gets exactly one reason, the first that fires:
                              never a fragment.
    response_too_short        fewer than ``min_response_words`` words
    response_too_long         more than ``max_response_words`` words
-   truncated                 ``finish_reason == "length"`` (only when ``drop_truncated``)
+   truncated                 ``finish_reason == "length"`` (only when ``drop_truncated``); with
+                             ``trim_truncated``, only a cut response with no complete sentence
+                             (`trim_to_sentence`): the others are trimmed first and judged as
+                             trimmed (``finish_reason`` becomes ``"trimmed"``)
    role_leakage              a chat-template token (``<|...|>``, ``<start_of_turn>``, ``[INST]``,
                              ``<<SYS>>``) anywhere in instruction or response, or a line that
                              starts with ``User:`` / ``Assistant:`` / ``Human:`` or is just
@@ -55,6 +58,11 @@ instruction and a response is what SFT teaches::
   do not loop.
 * ``has_markdown_junk`` is 1 when the response has an unclosed code fence, an odd number of ``**``
   markers, or an empty heading or bullet line: formatting the model started and did not finish.
+
+Trimming (``trim_truncated``) keeps the generator's work where a token limit cut an answer that was
+fine up to its last sentence: the cut record is copied with its response ending at the last
+sentence end, and the funnel counts these as ``trimmed``. With ``trim_words``, an answer longer
+than that many words is trimmed the same way, to the last sentence end within the limit.
 
 `filter_records` returns the kept records in input order plus a JSON-serialisable funnel: counts per
 stage, a count for every reason (zeros included, in `REASONS` order), a few examples per reason and the
@@ -137,6 +145,10 @@ _INLINE_CODE = re.compile(r"`[^`\n]*`")
 _PUNCT = re.compile(r"[^\w\s]")
 _LETTER = re.compile(r"[^\W\d_]")
 
+# A sentence ends at . ! or ? (closing quotes/brackets included) followed by whitespace or the end,
+# after a letter or closing character, not a digit: "1." and "2." are list markers, not ends.
+_SENTENCE_END = re.compile(r"(?<=[^\d\s])[.!?][\"'\u201d\u2019)\]*]*(?=\s|$)")
+
 EXAMPLE_CHARS = 300
 DEFAULT_MIN_LANGDETECT_WORDS = 8  # below this langdetect is unreliable ("Write a haiku." -> Estonian)
 _MINHASH_SEED = 1  # fixed so the permutations, hence the clusters, are reproducible
@@ -183,6 +195,33 @@ def is_fragment(instruction: str) -> bool:
     if not text or not text[-1].isalpha():
         return False
     return text.split()[-1].lower() in DANGLING_WORDS
+
+
+def trim_to_sentence(text: str, max_words: int | None = None) -> str | None:
+    """`text` up to the end of its last complete sentence (within its first `max_words` words), or
+    None when there is none."""
+    ends = list(_SENTENCE_END.finditer(text))
+    if max_words is not None:
+        ends = [m for m in ends if word_count(text[: m.end()]) <= max_words]
+    return text[: ends[-1].end()].rstrip() if ends else None
+
+
+def trim_truncated(
+    records: Sequence[dict[str, Any]], max_words: int | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """Copies of the records cut at the token limit or longer than `max_words`, trimmed to their last
+    complete sentence (``finish_reason`` "trimmed"), the others unchanged; and how many were trimmed."""
+    out, trimmed = [], 0
+    for record in records:
+        response = record.get("response")
+        long = isinstance(response, str) and max_words is not None and word_count(response) > max_words
+        if isinstance(response, str) and (record.get("finish_reason") == "length" or long):
+            cut = trim_to_sentence(response, max_words)
+            if cut:
+                record = {**record, "response": cut, "finish_reason": "trimmed"}
+                trimmed += 1
+        out.append(record)
+    return out, trimmed
 
 
 def has_role_leakage(text: str) -> bool:
@@ -384,6 +423,9 @@ def filter_records(
     if examples_per_reason < 0:
         raise ValueError(f"examples_per_reason must be non-negative, got {examples_per_reason}")
     _check_records(records)
+    trimmed = 0
+    if cfg.trim_truncated:
+        records, trimmed = trim_truncated(records, cfg.trim_words)
 
     reason: dict[int, str] = {}
     for i, record in enumerate(records):
@@ -436,6 +478,7 @@ def filter_records(
             {"stage": "target", "remaining": len(kept_positions)},
         ],
         "removed": removed_counts,
+        "trimmed": trimmed,
         "examples": examples,
         "kept": len(kept_positions),
         "settings": {

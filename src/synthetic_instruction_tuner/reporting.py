@@ -176,10 +176,17 @@ def funnel_table(paths: RunPaths) -> Any:
 
     funnel = read_json(paths.file("funnel.json"))
     removed = pd.DataFrame([{"reason": k, "removed": v} for k, v in funnel["removed"].items()])
+    trimmed = funnel.get("trimmed", 0)
+    kept_note = (
+        f"; {trimmed} responses were kept trimmed to their last complete sentence (filtering.trim_truncated)"
+        if trimmed
+        else ""
+    )
     return (
         _caption(funnel_frame(paths), f"Source: {paths.file('funnel.json')}"),
         _caption(
-            removed, "Records removed per reason (each record counts once, for the first rule that fired)"
+            removed,
+            "Records removed per reason (each record counts once, for the first rule that fired)" + kept_note,
         ),
     )
 

@@ -380,6 +380,18 @@ def _curves(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float
     return {"train": train, "eval": evaluation}
 
 
+def _final_eval(trainer: Any) -> dict[str, float]:
+    """The evaluation of the trained model: the one logged at the last step when there is one
+    (max_steps a multiple of eval_steps), else a new one. Evaluating twice costs ~15 s on the cpu
+    profile and gives the same numbers."""
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") != trainer.state.global_step:
+            break
+        if "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
 def _save(trainer: Any, output_dir: Path, tokenizer: Any) -> None:
     trainer.model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -451,7 +463,7 @@ def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> d
         write_json(base_file, base_eval)
     base_eval = json.loads(base_file.read_text())
     train_output = trainer.train(resume_from_checkpoint=resume)
-    final_eval = trainer.evaluate()
+    final_eval = _final_eval(trainer)
     _save(trainer, output_dir, tokenizer)
     extra = {
         "train_rows": len(train),
