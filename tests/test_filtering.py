@@ -156,6 +156,16 @@ def test_trim_truncated_keeps_cut_answers_trimmed_and_counts_them():
     assert json.dumps(records) == original  # the caller's records are not changed
 
 
+def test_trim_words_trims_long_answers_to_the_last_sentence_within_the_limit():
+    long = "One two three. Four five six. Seven eight nine ten."  # sentence ends at words 3, 6, 10
+    assert trim_to_sentence(long, max_words=6) == "One two three. Four five six."
+    assert trim_to_sentence(long, max_words=2) is None
+    records = [rec("a", response=long), rec("b", "What is a calendar file?", "Short answer here, done.")]
+    result = filter_records(records, dataclasses.replace(NO_LANG, min_response_words=3, trim_words=6), 10)
+    assert [r["response"] for r in result.kept] == ["One two three. Four five six.", records[1]["response"]]
+    assert result.funnel["trimmed"] == 1 and result.kept[0]["finish_reason"] == "trimmed"
+
+
 def test_word_limits_are_inclusive():
     cfg = dataclasses.replace(
         NO_LANG, min_instruction_words=3, max_instruction_words=5, min_response_words=5, max_response_words=6

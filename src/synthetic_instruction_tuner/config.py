@@ -101,8 +101,8 @@ class FilteringConfig:
     drop_truncated: bool = True  # responses cut at max_new_tokens
     # a cut response is trimmed back to its last complete sentence and kept, instead of dropped
     trim_truncated: bool = False
-    # with trim_truncated: a longer response is trimmed to the last sentence end within this many words
-    # (None: no limit), so that training answers fit the evaluation's token budget
+    # a longer response is trimmed to the last sentence end within this many words (None: no limit),
+    # so that training answers fit the evaluation's token budget
     trim_words: int | None = None
     language: str | None = "en"  # langdetect code the text must be in; None disables the check
     min_langdetect_words: int = 8  # shorter text is not judged: langdetect calls "Write a haiku." Estonian

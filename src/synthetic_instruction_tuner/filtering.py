@@ -61,8 +61,9 @@ instruction and a response is what SFT teaches::
 
 Trimming (``trim_truncated``) keeps the generator's work where a token limit cut an answer that was
 fine up to its last sentence: the cut record is copied with its response ending at the last
-sentence end, and the funnel counts these as ``trimmed``. With ``trim_words``, an answer longer
-than that many words is trimmed the same way, to the last sentence end within the limit.
+sentence end, and the funnel counts these as ``trimmed``. With ``trim_words`` (on its own or with
+``trim_truncated``), an answer longer than that many words is trimmed the same way, to the last
+sentence end within the limit.
 
 `filter_records` returns the kept records in input order plus a JSON-serialisable funnel: counts per
 stage, a count for every reason (zeros included, in `REASONS` order), a few examples per reason and the
@@ -206,20 +207,21 @@ def trim_to_sentence(text: str, max_words: int | None = None) -> str | None:
     return text[: ends[-1].end()].rstrip() if ends else None
 
 
-def trim_truncated(
-    records: Sequence[dict[str, Any]], max_words: int | None = None
+def trim_responses(
+    records: Sequence[dict[str, Any]], cut: bool, max_words: int | None = None
 ) -> tuple[list[dict[str, Any]], int]:
-    """Copies of the records cut at the token limit or longer than `max_words`, trimmed to their last
-    complete sentence (``finish_reason`` "trimmed"), the others unchanged; and how many were trimmed."""
+    """Copies of the records cut at the token limit (when `cut`) or longer than `max_words`, trimmed
+    to their last complete sentence (``finish_reason`` "trimmed"), the others unchanged; and how
+    many were trimmed."""
     out, trimmed = [], 0
     for record in records:
-        response = record.get("response")
-        long = isinstance(response, str) and max_words is not None and word_count(response) > max_words
-        if isinstance(response, str) and (record.get("finish_reason") == "length" or long):
-            cut = trim_to_sentence(response, max_words)
-            if cut:
-                record = {**record, "response": cut, "finish_reason": "trimmed"}
-                trimmed += 1
+        response = record["response"]  # a string: _check_records ran first
+        long = max_words is not None and word_count(response) > max_words
+        trim = long or (cut and record.get("finish_reason") == "length")
+        shorter = trim_to_sentence(response, max_words) if trim else None
+        if shorter:
+            record = {**record, "response": shorter, "finish_reason": "trimmed"}
+            trimmed += 1
         out.append(record)
     return out, trimmed
 
@@ -423,9 +425,7 @@ def filter_records(
     if examples_per_reason < 0:
         raise ValueError(f"examples_per_reason must be non-negative, got {examples_per_reason}")
     _check_records(records)
-    trimmed = 0
-    if cfg.trim_truncated:
-        records, trimmed = trim_truncated(records, cfg.trim_words)
+    records, trimmed = trim_responses(records, cfg.trim_truncated, cfg.trim_words)
 
     reason: dict[int, str] = {}
     for i, record in enumerate(records):
