@@ -99,3 +99,35 @@ def test_edit_in_keeps_what_the_answer_already_meets_when_told_not_to_edit():
         INSTRUCTION, answer, random.Random(0), 1, ["detectable_format:title"], 0.0
     )
     assert (text, edited) == (answer, []) and [c.instruction_id for c in cons] == ["detectable_format:title"]
+
+
+def test_keywords_are_words_no_heldout_prompt_asks_for_in_a_line_a_postscript_leaves_alone():
+    asked = set()
+    for seed in range(40):
+        text, kwargs = fe.EDITORS["keywords:existence"](ANSWER, INSTRUCTION, random.Random(seed))
+        assert 1 <= len(kwargs["keywords"]) <= 2 and text.startswith(ANSWER)
+        asked.update(kwargs["keywords"])
+    assert len(asked) > 30  # drawn from IFEval's word list, not a handful of words
+    assert not asked & {*ic._KEYWORDS, *ic._FORBIDDEN_WORDS}
+    text, cons, edited = fe.edit_in(
+        INSTRUCTION,
+        ANSWER,
+        random.Random(0),
+        2,
+        ["keywords:existence", "detectable_content:postscript"],
+        edit_rate=1.0,
+    )
+    assert edited == ["keywords:existence", "detectable_content:postscript"]
+    keywords_line = next(line for line in text.splitlines() if line.startswith(fe._KEYWORD_LEADS))
+    assert not keywords_line.startswith(("P.S.", "P.P.S"))
+    assert text.rsplit("\n", 1)[-1].startswith(("P.S.", "P.P.S"))
+    assert all(ic.check(text, cons))
+
+
+def test_keywords_are_always_edited_in_never_derived_from_words_the_answer_has():
+    for seed in range(10):
+        _, cons, edited = fe.edit_in(
+            INSTRUCTION, ANSWER, random.Random(seed), 1, ["keywords:existence"], edit_rate=0.0
+        )
+        assert edited == ["keywords:existence"]
+        assert not set(cons[0].kwargs["keywords"]) & set(ANSWER.lower().split())

@@ -16,6 +16,7 @@ Kwargs stay inside the ranges `constraints` samples held-out prompts from (2-5 b
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -82,12 +83,21 @@ def _title(response: str, instruction: str, rng: random.Random) -> Edit | None:
     return f"<<{title}>>\n\n{response.strip()}", {}
 
 
+# How a closing line names the words asked for; neutral enough for any noun, verb or adjective.
+_KEYWORD_LEADS = ("Key words:", "Keywords:", "Words to keep in mind:")
+
+
 def _postscript(response: str, instruction: str, rng: random.Random) -> Edit | None:
     marker = rng.choice(("P.S.", "P.P.S"))
     sentences = _sentences(response)
     last = sentences[-1] if len(sentences) >= 3 else ""
     body = response.strip()
-    movable = len(re.findall(r"[A-Za-z]+", last)) >= 3 and "\n" not in last and body.endswith(last)
+    movable = (
+        len(re.findall(r"[A-Za-z]+", last)) >= 3
+        and "\n" not in last
+        and body.endswith(last)
+        and not last.startswith(_KEYWORD_LEADS)  # the keywords line stays a line of its own
+    )
     if movable:  # its closing sentence becomes the P.S.
         body, note = body[: -len(last)].rstrip(), last
     else:
@@ -183,6 +193,26 @@ def _capitals(response: str, instruction: str, rng: random.Random) -> Edit | Non
     return text, {"capital_frequency": min(count, 5), "capital_relation": "at least"}
 
 
+@functools.cache
+def _keyword_pool() -> list[str]:
+    """IFEval's own keyword list (what its generator draws from), less the held-out pool and the
+    forbidden-word pool, so a training prompt never names a word a held-out prompt asks for."""
+    taken = {*ic._KEYWORDS, *ic._FORBIDDEN_WORDS}
+    return sorted(
+        w
+        for w in bt._util().WORD_LIST
+        if len(w) >= 5 and w.isalpha() and w not in taken and not set(w) & set("jqxz")
+    )
+
+
+def _keywords(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    """One or two words the answer may not use, named in a closing line: deriving only ever asks for
+    words the answer already has, while a held-out prompt asks for words of its own."""
+    words = sorted(rng.sample(_keyword_pool(), rng.randint(1, 2)))
+    line = f"{rng.choice(_KEYWORD_LEADS)} {' and '.join(words)}."
+    return f"{response.strip()}\n\n{line}", {"keywords": words}
+
+
 def _end_phrase(response: str, instruction: str, rng: random.Random) -> Edit | None:
     phrase = rng.choice(ic._END_PHRASES)
     return f"{response.strip()} {phrase}", {"end_phrase": phrase}
@@ -194,6 +224,7 @@ EDITORS: dict[str, Editor] = {
     "detectable_format:title": _title,
     "detectable_content:postscript": _postscript,
     "detectable_content:number_placeholders": _placeholders,
+    "keywords:existence": _keywords,
     "detectable_format:number_bullet_lists": _bullets,
     "detectable_format:number_highlighted_sections": _highlights,
     "detectable_format:multiple_sections": _sections,
@@ -210,6 +241,7 @@ EDITORS: dict[str, Editor] = {
 # then the layout, then what goes around it (title, postscript, closing phrase), then the case, and
 # quotes or JSON last of all.
 _ORDER = (
+    "keywords:existence",
     "change_case:capital_word_frequency",
     "detectable_content:number_placeholders",
     "detectable_format:number_highlighted_sections",
@@ -226,6 +258,11 @@ _ORDER = (
 )
 
 
+# A derived keyword is one the answer used anyway, so its prompt teaches nothing about using a word
+# because it was asked for; an edited one is a word the answer had to take in.
+_ALWAYS_EDIT = frozenset({"keywords:existence"})
+
+
 def _plan(
     response: str, rng: random.Random, k: int, allowed: Sequence[str] | None, edit_rate: float
 ) -> tuple[list[str], list[str]]:
@@ -235,7 +272,7 @@ def _plan(
     edit, derive = [], []
     for family in ic.first_compatible(families, k):
         derivable = family in bt.DERIVERS and bt.met_constraints(response, random.Random(0), [family])
-        if family in EDITORS and (not derivable or rng.random() < edit_rate):
+        if family in EDITORS and (not derivable or family in _ALWAYS_EDIT or rng.random() < edit_rate):
             edit.append(family)
         else:
             derive.append(family)
@@ -254,8 +291,8 @@ def edit_in(
 
     Returns the (possibly edited) response, constraints it meets under lm-eval's strict check, and
     the ids that were edited in. A family the response already meets is derived, or with
-    probability ``edit_rate`` edited in anyway where an editor exists; the rest are derived from the
-    edited text, so a word bound counts the title and postscript too.
+    probability ``edit_rate`` edited in anyway where an editor exists (keywords always are); the
+    rest are derived from the edited text, so a word bound counts the title and postscript too.
     """
     edit, derive = _plan(response, rng, k, allowed, edit_rate)
     text, chosen, edited = response.strip(), [], []
