@@ -6,6 +6,8 @@ Back-translation (`backtranslation`) can only name constraints a response alread
 half of IFEval's families. Those formats are mechanical, though: the same answer with ``<<Its
 Title>>`` on top, its last sentence moved into a ``P.S.``, its sentences as ``*`` bullets or under
 ``Section 1``/``Section 2`` headers is still the teacher's content, now in the requested shape.
+Keywords are edited in too, as a closing line naming words the prompt then asks for: a keyword read
+off the answer is one it used anyway, and teaches nothing about using a word because it was asked.
 This follows the rule-based rewriting of instruction-following data in Conifer and AutoIF's
 verified augmentation: every edit is confirmed by lm-eval's own checker (`constraints.check`), and
 an edit that the checker rejects, alone or together with the prompt's other constraints, is dropped.
