@@ -208,8 +208,8 @@ def _keyword_pool() -> list[str]:
 
 
 def _keywords(response: str, instruction: str, rng: random.Random) -> Edit | None:
-    """One or two words the answer may not use, named in a closing line: deriving only ever asks for
-    words the answer already has, while a held-out prompt asks for words of its own."""
+    """One or two words from the pool, whether or not the answer has them, named in a closing line:
+    deriving only ever asks for words the answer already has, a held-out prompt for words of its own."""
     words = sorted(rng.sample(_keyword_pool(), rng.randint(1, 2)))
     line = f"{rng.choice(_KEYWORD_LEADS)} {' and '.join(words)}."
     return f"{response.strip()}\n\n{line}", {"keywords": words}
