@@ -57,12 +57,13 @@ def test_layouts_keep_the_answer_and_put_things_where_a_reader_expects_them():
     assert " ".join(sections.split()).count("Basil likes at least six hours of sun") == 1
 
 
-def test_placeholders_replace_names_and_numbers_but_never_list_markers():
-    text, kwargs = fe.EDITORS["detectable_content:number_placeholders"](
-        "Section 1\nSteps:\n1. Call Mary Jones at noon.\n2. Book 3 rooms.", "", random.Random(2)
-    )
-    assert text.startswith("Section 1\nSteps:\n1. Call [name] at noon.\n2. Book")
-    assert ic.check(text, [ic.Constraint("detectable_content:number_placeholders", kwargs)]) == [True]
+def test_placeholders_open_the_answer_as_a_memo_header_meeting_any_heldout_count():
+    text, _ = fe.EDITORS["detectable_content:number_placeholders"](ANSWER, "", random.Random(2))
+    head, body = text.split("\n\n", 1)
+    assert head == "To: [recipient]\nFrom: [your name]\nDate: [date]" and body == ANSWER
+    for count in (1, 2, 3):  # the held-out range, all met by the one header
+        constraint = ic.Constraint("detectable_content:number_placeholders", {"num_placeholders": count})
+        assert ic.check(text, [constraint]) == [True]
 
 
 def test_edits_give_up_on_answers_that_offer_nothing():
@@ -101,11 +102,12 @@ def test_edit_in_keeps_what_the_answer_already_meets_when_told_not_to_edit():
     assert (text, edited) == (answer, []) and [c.instruction_id for c in cons] == ["detectable_format:title"]
 
 
-def test_keywords_are_words_no_heldout_prompt_asks_for_in_a_line_a_postscript_leaves_alone():
+def test_keywords_are_words_no_heldout_prompt_asks_for_in_an_opening_line():
     asked = set()
     for seed in range(40):
         text, kwargs = fe.EDITORS["keywords:existence"](ANSWER, INSTRUCTION, random.Random(seed))
-        assert 1 <= len(kwargs["keywords"]) <= 2 and text.startswith(ANSWER)
+        assert 1 <= len(kwargs["keywords"]) <= 2 and text.endswith(ANSWER)
+        assert text.startswith(fe._KEYWORD_LEADS)
         asked.update(kwargs["keywords"])
     assert len(asked) > 30  # drawn from IFEval's word list, not a handful of words
     assert not asked & {*ic._KEYWORDS, *ic._FORBIDDEN_WORDS}
@@ -118,8 +120,7 @@ def test_keywords_are_words_no_heldout_prompt_asks_for_in_a_line_a_postscript_le
         edit_rate=1.0,
     )
     assert edited == ["keywords:existence", "detectable_content:postscript"]
-    keywords_line = next(line for line in text.splitlines() if line.startswith(fe._KEYWORD_LEADS))
-    assert not keywords_line.startswith(("P.S.", "P.P.S"))
+    assert text.startswith(fe._KEYWORD_LEADS)
     assert text.rsplit("\n", 1)[-1].startswith(("P.S.", "P.P.S"))
     assert all(ic.check(text, cons))
 

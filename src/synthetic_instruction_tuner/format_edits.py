@@ -6,8 +6,12 @@ Back-translation (`backtranslation`) can only name constraints a response alread
 half of IFEval's families. Those formats are mechanical, though: the same answer with ``<<Its
 Title>>`` on top, its last sentence moved into a ``P.S.``, its sentences as ``*`` bullets or under
 ``Section 1``/``Section 2`` headers is still the teacher's content, now in the requested shape.
-Keywords are edited in too, as a closing line naming words the prompt then asks for: a keyword read
+Keywords are edited in too, as an opening line naming words the prompt then asks for: a keyword read
 off the answer is one it used anyway, and teaches nothing about using a word because it was asked.
+Placeholders come as a ``To/From/Date`` memo header. Both open the answer because a student that
+repeats itself or runs to the evaluation's token limit never reaches a closing line: titles and
+sections, which open an answer, were learned (20/24, 23/24 held-out instructions met), a closing
+keywords line and a ``[your name]`` sign-off were not (12/34, 0/31).
 This follows the rule-based rewriting of instruction-following data in Conifer and AutoIF's
 verified augmentation: every edit is confirmed by lm-eval's own checker (`constraints.check`), and
 an edit that the checker rejects, alone or together with the prompt's other constraints, is dropped.
@@ -94,12 +98,7 @@ def _postscript(response: str, instruction: str, rng: random.Random) -> Edit | N
     sentences = _sentences(response)
     last = sentences[-1] if len(sentences) >= 3 else ""
     body = response.strip()
-    movable = (
-        len(re.findall(r"[A-Za-z]+", last)) >= 3
-        and "\n" not in last
-        and body.endswith(last)
-        and not last.startswith(_KEYWORD_LEADS)  # the keywords line stays a line of its own
-    )
+    movable = len(re.findall(r"[A-Za-z]+", last)) >= 3 and "\n" not in last and body.endswith(last)
     if movable:  # its closing sentence becomes the P.S.
         body, note = body[: -len(last)].rstrip(), last
     else:
@@ -107,25 +106,14 @@ def _postscript(response: str, instruction: str, rng: random.Random) -> Edit | N
     return f"{body}\n\n{marker} {note}", {"postscript_marker": marker}
 
 
-_PROPER = re.compile(r"(?<=[a-z,;] )[A-Z][a-z]+(?: [A-Z][a-z]+)*")
-# a number, but not a list marker ("2. Mix the flour") or a section header's index
-_NUMBER = re.compile(
-    r"(?<![\w\n,.])(?<!^)(?<!section )(?<!SECTION )(?<!Section )\d(?:[\d,.]*\d)?(?![.)]\s)\b",
-    flags=re.MULTILINE,
-)
+# A memo header: three slots, so every "at least 1-3" request is met, in the answer's first line where
+# a student reaches them before a 96-token limit or a repetition loop cuts the answer off.
+_HEADER = "To: [recipient]\nFrom: [your name]\nDate: [date]"
 
 
 def _placeholders(response: str, instruction: str, rng: random.Random) -> Edit | None:
-    """Specifics (names mid-sentence, numbers) become ``[name]``/``[number]``; a sign-off with
-    ``[your name]`` makes up the count where the answer has too few."""
-    want = rng.randint(1, 3)
-    text, made = response.strip(), 0
-    for pattern, slot in ((_PROPER, "[name]"), (_NUMBER, "[number]")):
-        while made < want and (match := pattern.search(text)):
-            text, made = text[: match.start()] + slot + text[match.end() :], made + 1
-    if made < want:
-        text, made = f"{text}\n\nBest regards,\n[your name]", made + 1
-    return text, {"num_placeholders": made}
+    """The answer under a ``To/From/Date`` header whose fields are ``[placeholders]``."""
+    return f"{_HEADER}\n\n{response.strip()}", {"num_placeholders": rng.randint(1, 3)}
 
 
 def _bullets(response: str, instruction: str, rng: random.Random) -> Edit | None:
@@ -208,11 +196,12 @@ def _keyword_pool() -> list[str]:
 
 
 def _keywords(response: str, instruction: str, rng: random.Random) -> Edit | None:
-    """One or two words from the pool, whether or not the answer has them, named in a closing line:
-    deriving only ever asks for words the answer already has, a held-out prompt for words of its own."""
+    """One or two words from the pool, whether or not the answer has them, named in an opening line:
+    deriving only ever asks for words the answer already has, a held-out prompt for words of its own.
+    The line opens the answer, where a student writes it before it can trail off."""
     words = sorted(rng.sample(_keyword_pool(), rng.randint(1, 2)))
     line = f"{rng.choice(_KEYWORD_LEADS)} {' and '.join(words)}."
-    return f"{response.strip()}\n\n{line}", {"keywords": words}
+    return f"{line}\n\n{response.strip()}", {"keywords": words}
 
 
 def _end_phrase(response: str, instruction: str, rng: random.Random) -> Edit | None:
@@ -239,17 +228,17 @@ EDITORS: dict[str, Editor] = {
     "detectable_format:json_format": lambda r, i, rng: (json.dumps({"response": r.strip()}, indent=2), {}),
 }
 
-# Edits run inside-out, so a later one wraps what an earlier one made: words and highlights first,
-# then the layout, then what goes around it (title, postscript, closing phrase), then the case, and
-# quotes or JSON last of all.
+# Edits run inside-out, so a later one wraps what an earlier one made: capitals and highlights first,
+# then the layout, then what goes around it (keywords line, memo header, title, postscript, closing
+# phrase), then the case, and quotes or JSON last of all.
 _ORDER = (
-    "keywords:existence",
     "change_case:capital_word_frequency",
-    "detectable_content:number_placeholders",
     "detectable_format:number_highlighted_sections",
     "detectable_format:number_bullet_lists",
     "detectable_format:multiple_sections",
     "length_constraints:number_paragraphs",
+    "keywords:existence",
+    "detectable_content:number_placeholders",
     "detectable_format:title",
     "detectable_content:postscript",
     "startend:end_checker",
