@@ -106,8 +106,8 @@ def _postscript(response: str, instruction: str, rng: random.Random) -> Edit | N
     return f"{body}\n\n{marker} {note}", {"postscript_marker": marker}
 
 
-# A memo header: three slots, so every "at least 1-3" request is met, in the answer's first line where
-# a student reaches them before a 96-token limit or a repetition loop cuts the answer off.
+# A memo header: three slots, so every "at least 1-3" request is met, on top of the answer where a
+# student writes them before a 96-token limit or a repetition loop cuts the answer off.
 _HEADER = "To: [recipient]\nFrom: [your name]\nDate: [date]"
 
 
