@@ -136,3 +136,14 @@ def test_dpo_loss_terms_reach_trl_and_cpu_autocast_reaches_the_trainer(tmp_path)
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
     assert sft_config(load_config("smoke", ["hardware.cpu_autocast=bfloat16"]), tmp_path, "cpu").bf16
     assert not sft_config(load_config("smoke", ["hardware.cpu_autocast=none"]), tmp_path, "cpu").bf16
+
+
+def test_sft_evaluates_at_its_own_interval_or_at_every_checkpoint(tmp_path):
+    from synthetic_instruction_tuner.training import sft_config
+
+    args = sft_config(load_config("smoke", ["sft.save_steps=2", "sft.eval_steps=4"]), tmp_path, "cpu")
+    assert (args.save_steps, args.eval_steps) == (2, 4)
+    args = sft_config(load_config("smoke", ["sft.save_steps=2"]), tmp_path, "cpu")
+    assert (args.save_steps, args.eval_steps) == (2, 2)
+    cpu = load_config("cpu").sft
+    assert cpu.eval_steps == cpu.max_steps  # the cpu profile evaluates once, at the end

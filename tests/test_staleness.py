@@ -172,6 +172,7 @@ def test_settings_of_takes_whole_sections_minus_keys_that_do_not_change_outputs(
     settings = settings_of(cfg, ("sft", "seed"))
     assert settings["seed"] == 42 and settings["sft.learning_rate"] == 2e-4
     assert "sft.save_steps" not in settings and "sft.per_device_eval_batch_size" not in settings
+    assert "sft.eval_steps" not in settings
     assert not any(key.startswith(("engine.", "hardware.")) for key in settings)
     assert json.loads(json.dumps(settings)) == settings
 

@@ -182,6 +182,7 @@ class SftConfig:
     eval_fraction: float = 0.1  # share of the SFT set held out for eval loss
     logging_steps: int = 5
     save_steps: int = 50
+    eval_steps: int | None = None  # None: evaluate at every checkpoint
     padding_free: bool = (
         False  # pack each batch into one row (no padding tokens), positions restart per example
     )

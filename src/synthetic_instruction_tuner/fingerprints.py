@@ -34,6 +34,7 @@ NOT_OUTPUT_KEYS = frozenset(
         "sft.gradient_checkpointing",  # recomputes activations: same numbers, less memory
         "sft.logging_steps",
         "sft.save_steps",  # checkpoint interval: lowering it after a disconnect must resume, not restart
+        "sft.eval_steps",  # evaluating reads the adapter, it does not change it
         "dpo.gradient_checkpointing",
         "dpo.logging_steps",
         "dpo.save_steps",

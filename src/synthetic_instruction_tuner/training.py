@@ -242,7 +242,7 @@ def sft_config(cfg: Config, output_dir: Path, device: str, prompt_tuning: bool =
         train_sampling_strategy="group_by_length" if s.group_by_length else "random",
         logging_steps=s.logging_steps,
         save_steps=s.save_steps,
-        eval_steps=s.save_steps,
+        eval_steps=s.eval_steps or s.save_steps,
         prediction_loss_only=True,  # evaluation needs the loss, not (tokens x vocabulary) logits kept in memory
     )
 
