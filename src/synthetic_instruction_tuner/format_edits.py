@@ -89,7 +89,7 @@ def _title(response: str, instruction: str, rng: random.Random) -> Edit | None:
     return f"<<{title}>>\n\n{response.strip()}", {}
 
 
-# How a closing line names the words asked for; neutral enough for any noun, verb or adjective.
+# How the opening line names the words asked for; neutral enough for any noun, verb or adjective.
 _KEYWORD_LEADS = ("Key words:", "Keywords:", "Words to keep in mind:")
 
 
