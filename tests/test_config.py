@@ -120,11 +120,16 @@ def test_auto_generation_precision_is_bf16_only_where_the_cpu_computes_it(monkey
 
     cfg = load_config("cpu")
     assert cfg.hardware.generation_dtype == native_cpu_dtype()  # resolved: fingerprints see the real dtype
+    assert cfg.hardware.dtype == native_cpu_dtype()  # the weights trained on, likewise
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert load_config("cpu").hardware.generation_dtype == "float32"
+    assert load_config("cpu").hardware.dtype == "float32"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert load_config("cpu").hardware.generation_dtype == "bfloat16"
+    assert load_config("cpu").hardware.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match=r"hardware\.dtype auto is for CPU training"):
+        load_config("t4", ["hardware.dtype=auto"])
     assert load_config("cpu", ["hardware.generation_dtype=bfloat16"]).hardware.generation_dtype == "bfloat16"
 
 

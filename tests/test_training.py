@@ -214,3 +214,45 @@ def test_lora_is_merged_for_generation_with_the_same_logits(smoke_run):
     ids = torch.tensor([chat_prompt_ids(tokenizer, [{"role": "user", "content": "Name a fruit."}])])
     with torch.inference_mode():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_bf16_base_trains_fp32_lora_weights(smoke_run, tmp_path):
+    """`hardware.dtype: bfloat16` on a CPU: the frozen base is held in bf16, the adapter's weights
+    stay fp32 (peft upcasts them) and are what the optimizer moves."""
+    import torch
+    from trl import SFTTrainer
+
+    from synthetic_instruction_tuner.models import resolve_model
+    from synthetic_instruction_tuner.training import (
+        chat_tokenizer,
+        load_target,
+        lora_config,
+        sft_config,
+        sft_splits,
+    )
+
+    cfg = load_config(
+        "smoke",
+        [
+            "hardware.dtype=bfloat16",
+            "hardware.cpu_autocast=bfloat16",
+            "sft.max_steps=2",
+            "sft.warmup_ratio=0",
+        ],
+    )
+    train, evaluation = sft_splits(run_paths(smoke_run[0]), cfg)
+    trainer = SFTTrainer(
+        model=load_target(cfg, "cpu"),
+        args=sft_config(cfg, tmp_path, "cpu"),
+        train_dataset=train.remove_columns("id"),
+        eval_dataset=evaluation.remove_columns("id"),
+        processing_class=chat_tokenizer(resolve_model(cfg.models.target).path),
+        peft_config=lora_config(cfg),
+    )
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = [p for p in trainer.model.parameters() if not p.requires_grad]
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in trainable.items() if "lora_B" in n}
+    trainer.train()
+    assert any(not torch.equal(before[n], trainable[n].detach()) for n in before)  # lora_B starts at 0

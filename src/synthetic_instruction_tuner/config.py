@@ -32,7 +32,10 @@ class ModelsConfig:
 @dataclass
 class HardwareConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # training / evaluation precision
+    # precision of the weights trained on (and of the reward model); auto, for CPU training: bfloat16
+    # where the CPU computes it natively, else float32. A bf16 base spares autocast its cast of every
+    # frozen weight at every step; LoRA's own weights stay fp32 (peft), so the update is unchanged
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     # generation and evaluation precision; auto: bfloat16 where the CPU computes it natively
     # (AVX512-BF16 or AMX: ~1.4x float32), else float32 (emulated bf16 is several times slower)
     generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
@@ -428,6 +431,8 @@ def load_config(
     _check_consistency(config, str(profile_path))
     if config.hardware.generation_dtype == "auto":
         config.hardware.generation_dtype = native_cpu_dtype()
+    if config.hardware.dtype == "auto":
+        config.hardware.dtype = native_cpu_dtype()
     if config.hardware.cpu_autocast == "auto":
         config.hardware.cpu_autocast = "bfloat16" if native_cpu_dtype() == "bfloat16" else "none"
     return config
@@ -468,6 +473,8 @@ def _check_consistency(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: dpo.loss_weights needs one weight per dpo.loss_type entry")
     if cfg.counts.sft_target > cfg.counts.instructions:
         raise ConfigError(f"{source}: counts.sft_target exceeds counts.instructions")
+    if cfg.hardware.dtype == "auto" and cfg.hardware.device != "cpu":
+        raise ConfigError(f"{source}: hardware.dtype auto is for CPU training: set hardware.device: cpu")
     if cfg.engine.batch_size < 1:
         raise ConfigError(f"{source}: engine.batch_size must be at least 1")
     w = cfg.watchdog
