@@ -116,3 +116,28 @@ def kill_when(args: list[str], path: Path, min_lines: int = 0, timeout: float = 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def lora_sft_trainer(cfg, run_dir: Path, output_dir: Path):
+    """TRL's SFTTrainer as step 05 builds it (LoRA on the target, the run's SFT splits), untrained."""
+    from trl import SFTTrainer
+
+    from synthetic_instruction_tuner.models import resolve_model
+    from synthetic_instruction_tuner.store import run_paths
+    from synthetic_instruction_tuner.training import (
+        chat_tokenizer,
+        load_target,
+        lora_config,
+        sft_config,
+        sft_splits,
+    )
+
+    train, evaluation = sft_splits(run_paths(run_dir), cfg)
+    return SFTTrainer(
+        model=load_target(cfg, "cpu"),
+        args=sft_config(cfg, output_dir, "cpu"),
+        train_dataset=train.remove_columns("id"),
+        eval_dataset=evaluation.remove_columns("id"),
+        processing_class=chat_tokenizer(resolve_model(cfg.models.target).path),
+        peft_config=lora_config(cfg),
+    )

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import lora_sft_trainer
 
 from synthetic_instruction_tuner.config import load_config
 from synthetic_instruction_tuner.errors import ModelError
@@ -63,28 +64,10 @@ def test_qlora_keeps_adapter_weights_in_fp32_under_fp16_and_trains_on_4bit_weigh
     """TRL casts a quantized model's adapter to bf16; the t4 profile's fp16 mixed precision needs them in
     fp32. The cast and a QLoRA training step on bitsandbytes 4-bit weights run here on CPU; the fp16
     GradScaler itself needs CUDA."""
-    from trl import SFTTrainer
-
-    from synthetic_instruction_tuner.models import resolve_model
-    from synthetic_instruction_tuner.training import (
-        chat_tokenizer,
-        keep_trainable_fp32_under_fp16,
-        load_target,
-        lora_config,
-        sft_config,
-        sft_splits,
-    )
+    from synthetic_instruction_tuner.training import keep_trainable_fp32_under_fp16
 
     cfg = load_config("smoke", ["hardware.load_in_4bit=true", "sft.max_steps=2"])
-    train, evaluation = sft_splits(run_paths(smoke_run[0]), cfg)
-    trainer = SFTTrainer(
-        model=load_target(cfg, "cpu"),
-        args=sft_config(cfg, tmp_path, "cpu"),
-        train_dataset=train.remove_columns("id"),
-        eval_dataset=evaluation.remove_columns("id"),
-        processing_class=chat_tokenizer(resolve_model(cfg.models.target).path),
-        peft_config=lora_config(cfg),
-    )
+    trainer = lora_sft_trainer(cfg, smoke_run[0], tmp_path)
     assert trainer.model.is_loaded_in_4bit
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert {p.dtype for p in trainable} == {torch.bfloat16}  # TRL's QLoRA cast

@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import kill_when, run_cli, template_tokenizer
+from conftest import kill_when, lora_sft_trainer, run_cli, template_tokenizer
 
 from synthetic_instruction_tuner.config import load_config
 from synthetic_instruction_tuner.generation import GenerationEngine, Request, chat_prompt_ids
@@ -220,35 +220,14 @@ def test_a_bf16_base_trains_fp32_lora_weights(smoke_run, tmp_path):
     """`hardware.dtype: bfloat16` on a CPU: the frozen base is held in bf16, the adapter's weights
     stay fp32 (peft upcasts them) and are what the optimizer moves."""
     import torch
-    from trl import SFTTrainer
 
-    from synthetic_instruction_tuner.models import resolve_model
-    from synthetic_instruction_tuner.training import (
-        chat_tokenizer,
-        load_target,
-        lora_config,
-        sft_config,
-        sft_splits,
-    )
-
-    cfg = load_config(
-        "smoke",
-        [
-            "hardware.dtype=bfloat16",
-            "hardware.cpu_autocast=bfloat16",
-            "sft.max_steps=2",
-            "sft.warmup_ratio=0",
-        ],
-    )
-    train, evaluation = sft_splits(run_paths(smoke_run[0]), cfg)
-    trainer = SFTTrainer(
-        model=load_target(cfg, "cpu"),
-        args=sft_config(cfg, tmp_path, "cpu"),
-        train_dataset=train.remove_columns("id"),
-        eval_dataset=evaluation.remove_columns("id"),
-        processing_class=chat_tokenizer(resolve_model(cfg.models.target).path),
-        peft_config=lora_config(cfg),
-    )
+    overrides = [
+        "hardware.dtype=bfloat16",
+        "hardware.cpu_autocast=bfloat16",
+        "sft.max_steps=2",
+        "sft.warmup_ratio=0",
+    ]
+    trainer = lora_sft_trainer(load_config("smoke", overrides), smoke_run[0], tmp_path)
     trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     frozen = [p for p in trainer.model.parameters() if not p.requires_grad]
     assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
