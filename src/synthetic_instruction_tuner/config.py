@@ -40,8 +40,8 @@ class HardwareConfig:
     # (AVX512-BF16 or AMX: ~1.4x float32), else float32 (emulated bf16 is several times slower)
     generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     load_in_4bit: bool = False  # bitsandbytes nf4 for the generator and QLoRA for the target
-    # training on a CPU: fp32 weights with bf16 autocast ("bfloat16"), or plain fp32 ("none");
-    # auto: bf16 autocast where the CPU computes bf16 natively (see generation_dtype)
+    # training on a CPU: bf16 autocast ("bfloat16") or none ("none") over the weights in `dtype`
+    # (LoRA's fp32 weights included); auto: bf16 autocast where the CPU computes bf16 natively
     cpu_autocast: Literal["auto", "none", "bfloat16"] = "none"
     torch_threads: int | None = None  # None: torch's default (all cores)
     dense_lm_head: bool = (
