@@ -48,8 +48,8 @@ $(PY):
 
 $(VENV)/.installed-cpu: $(LOCK) pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(INSTALL_ARGS) --extra-index-url $(TORCH_INDEX) -r $(LOCK)
-	$(PY) -m pip install --quiet $(INSTALL_ARGS) --no-deps -e . $(NODEPS)
+	$(PY) -m pip install --quiet --extra-index-url $(TORCH_INDEX) -r $(LOCK) $(INSTALL_ARGS)
+	$(PY) -m pip install --quiet --no-deps -e . $(NODEPS) $(INSTALL_ARGS)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
