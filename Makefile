@@ -17,10 +17,11 @@ PYTHON ?= $(firstword $(foreach p,$(PYTHON_CANDIDATES),$(if $(filter $(call pyth
 # The lock: every package at an exact version, torch as its CPU build, for Linux on Python 3.11-3.13.
 LOCK := requirements/cpu.txt
 # Where torch's CPU build comes from: PyTorch's CPU index, or any simple index holding that build (a
-# company mirror, a folder served as file:///path). pip adds it to PyPI with --extra-index-url and takes
-# each package from whichever index has the pinned version; every line of the lock is one exact version
-# and torch's `+cpu` release is on torch indexes only, so the index a package comes from changes where its
-# bytes are fetched, not which release is installed.
+# company mirror, a folder served as file:///path). Only torch is looked up there: the lock is complete
+# (every dependency at one exact version, as `make lock` resolved it; tests/test_install.py re-resolves
+# it), so it installs in two --no-deps passes: torch from PyPI plus TORCH_INDEX, the rest from PyPI
+# alone. Nothing else can come from the torch index, and an index that is slow to answer or out of reach
+# costs one lookup, not one a package.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # More options for pip's installs of the lock and the project: INSTALL_ARGS="--dry-run --report -" prints, as
 # JSON, what would be installed and from where, and installs nothing (tests/test_install.py reads it).
@@ -48,7 +49,10 @@ $(PY):
 
 $(VENV)/.installed-cpu: $(LOCK) pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --extra-index-url $(TORCH_INDEX) -r $(LOCK) $(INSTALL_ARGS)
+	grep '^torch==' $(LOCK) > $(VENV)/lock-torch.txt
+	grep -v '^torch==' $(LOCK) > $(VENV)/lock-rest.txt
+	$(PY) -m pip install --quiet --no-deps --extra-index-url $(TORCH_INDEX) -r $(VENV)/lock-torch.txt $(INSTALL_ARGS)
+	$(PY) -m pip install --quiet --no-deps -r $(VENV)/lock-rest.txt $(INSTALL_ARGS)
 	$(PY) -m pip install --quiet --no-deps -e . $(NODEPS) $(INSTALL_ARGS)
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -116,8 +116,13 @@ def test_make_install_takes_the_lock_from_pypi_and_torch_from_the_torch_index(to
         timeout=1800,
     )
     assert result.returncode == 0, f"make install with only PyPI and {torch_index}:\n{result.stderr[-4000:]}"
-    lock_report, project_report = _reports(result.stdout)
-    installs = {canonicalize_name(item["metadata"]["name"]): item for item in lock_report["install"]}
+    torch_report, lock_report, project_report = _reports(result.stdout)
+    installs = {
+        canonicalize_name(item["metadata"]["name"]): item
+        for report in (torch_report, lock_report)
+        for item in report["install"]
+    }
+    assert [item["metadata"]["name"] for item in torch_report["install"]] == ["torch"]
     assert {name: item["metadata"]["version"] for name, item in installs.items()} == _lock_pins()
     assert installs["torch"]["metadata"]["version"].endswith("+cpu")
     assert installs["torch"]["download_info"]["url"].startswith(torch_index)
@@ -161,3 +166,40 @@ def test_make_passes_over_a_candidate_that_does_not_run(tmp_path):
     assert result.returncode == 0, result.stderr
     version = subprocess.run([venv / "bin" / "python", "--version"], capture_output=True, text=True).stdout
     assert version.split()[1] == sys.version.split()[0]
+
+
+@pytest.mark.install
+def test_the_lock_is_one_consistent_resolution(torch_index, tmp_path):
+    """make installs the lock with --no-deps; pip's resolver, given the whole lock and the project's own
+    requirements, must find nothing to add, drop or change."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    result = subprocess.run(
+        [
+            venv / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--dry-run",
+            "--report",
+            "-",
+            "--extra-index-url",
+            torch_index,
+            "-r",
+            REPO / "requirements" / "cpu.txt",
+            "-e",
+            f"{REPO}[dev,gpu]",
+        ],
+        env=_new_machine_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    (report,) = _reports(result.stdout)
+    resolved = {
+        canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"] for item in report["install"]
+    }
+    resolved.pop("synthetic-instruction-tuner")
+    assert resolved == _lock_pins()
