@@ -1,6 +1,7 @@
 """The orchestrator as a user drives it: subprocesses, kills, bad input, secrets."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,16 @@ def test_step_01_writes_sanitised_distinct_instructions_and_a_ledger_row(tmp_pat
     assert row["step"] == "01_generate_instructions" and row["status"] == "ok"
     assert row["seconds"] > 0 and row["peak_rss_mb"] > 50 and row["device"].startswith("cpu")
     assert (run / "notebooks" / "01_generate_instructions.ipynb").exists()
+    # the console: a line as the step starts (what, why) and one as it ends; the cells' log goes to a file
+    lines = result.stdout.splitlines()
+    assert lines[1] == (
+        "run_all: 01_generate_instructions: running (pipeline/01_generate_instructions.py; outputs missing)"
+        " — Magpie instructions"
+    )
+    assert re.fullmatch(r"run_all: 01_generate_instructions: ok in [\d.]+ s", lines[2])
+    assert len(lines) == 4 and lines[3].startswith("run_all: finished in ")
+    log = (run / "logs" / "01_generate_instructions.log").read_text()
+    assert "Executing Cell 1" in log and "generator: tiny:chat-lm" in log
     # the token came from the environment and appears in no output, executed notebook included
     assert FAKE_TOKEN not in _all_text(run)
     # a second run skips the complete step
@@ -95,6 +106,12 @@ def test_corrupt_jsonl_line_stops_the_step_naming_file_and_line(tmp_path):
     assert "step 01_generate_instructions failed in cell" in line
     assert "DataError" in line and "instructions.jsonl:2: invalid JSON" in line
     assert (data / "instructions.jsonl").read_text() == text
+    # the step's full log is named on stderr and stdout, and holds the traceback
+    log = run / "logs" / "01_generate_instructions.log"
+    assert line.endswith(f"full log: {log})")
+    assert "run_all: 01_generate_instructions: failed after " in result.stdout
+    assert result.stdout.rstrip().endswith(f"; full log: {log}")
+    assert "Traceback" in log.read_text() and "invalid JSON" in log.read_text()
 
 
 def test_gated_hub_model_without_token_is_one_clear_line(tmp_path):
