@@ -209,9 +209,8 @@ def run_step(
                 )
             except Exception as exc:
                 error = exc
-                logging.getLogger(__name__).error(
-                    "%s: %s", type(exc).__name__, exc
-                )  # its traceback, in the log
+                # papermill's error carries the cell's traceback: into the step's log
+                logging.getLogger(__name__).error("%s: %s", type(exc).__name__, exc)
         stall = watch.stall if error is not None else None
         status = "ok" if error is None else ("stalled" if stall else "failed")
         last = watch.read() or {}
