@@ -9,6 +9,7 @@ The bars are tqdm's text bars, which a kernel writes to its stderr stream (a car
 bar); papermill hands each stream message to `ProgressSink`. On a terminal the latest bar is redrawn in
 place on one status line. Where stdout is not a terminal (CI, `tee`, a file), a bar gets a plain line
 only once it has run for `PLAIN_EVERY_S` and then every `PLAIN_EVERY_S`, never carriage returns.
+Inside the kernel, `text_progress` gives trainers that text bar where transformers would draw HTML.
 """
 
 from __future__ import annotations
