@@ -53,6 +53,12 @@ def test_plain_progress_lines_only_for_long_loops():
         "generating: 4/6 (67%)",
         "generating: 6/6 (100%)",
     ]
+    # two processes drawing one loop: their states interleave, and the loop still gets its lines
+    two = ProgressLines(every_s=30)
+    pairs = [[states[i], states[i - 1]] for i in range(1, len(states))]
+    assert [line.split(" [")[0] for i, pair in enumerate(pairs) for line in two.feed(pair, now=20.0 * i)][
+        :1
+    ] == ["generating: 3/6 (50%)"]
     logged = ProgressLines(every_s=30, finals=True)
     first_final = next(b for b in states if b.finished)  # tqdm draws the final state again on close
     assert [line for b in states for line in logged.feed([b], now=0)] == [first_final.line()]

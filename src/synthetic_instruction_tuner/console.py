@@ -106,7 +106,7 @@ def bars_in(text: str) -> tuple[list[Bar], str]:
 @dataclass
 class _Seen:
     since: float  # when this bar was first drawn, or last written
-    n: float
+    total: float | None
     written: bool = False
     finished: bool = False  # tqdm redraws a closed bar: its final state is written once
 
@@ -124,9 +124,9 @@ class ProgressLines:
         lines = []
         for bar in bars:
             seen = self._bars.get(bar.desc)
-            if seen is None or bar.n < seen.n:  # a new loop under the same description
-                seen = self._bars[bar.desc] = _Seen(now, bar.n)
-            seen.n = bar.n
+            # a new loop under the same description starts at 0 or has another total
+            if seen is None or bar.n == 0 or bar.total != seen.total:
+                seen = self._bars[bar.desc] = _Seen(now, bar.total)
             if bar.finished:
                 if (seen.written or self.finals) and not seen.finished:
                     lines.append(bar.line())
