@@ -79,13 +79,15 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """The whole smoke pipeline, run once through run_all.py as a user would: (run dir, reports dir)."""
+    """The whole smoke pipeline, run once through run_all.py as a user would: (run dir, reports dir).
+    What it printed is kept beside them, in console.txt."""
     root = tmp_path_factory.mktemp("smoke")
     run, reports = root / "run", root / "reports"
     result = run_cli(
         ["--profile", "smoke", "--run-dir", str(run), "--reports-dir", str(reports)], timeout=1800
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (root / "console.txt").write_text(result.stdout + result.stderr)
     return run, reports
 
 

@@ -3,7 +3,11 @@
 Each step file is read with jupytext, executed in a fresh kernel with the profile's parameters
 injected after its `parameters` cell, and saved executed under `<run dir>/notebooks/`. A step whose
 outputs are complete and up to date is skipped; the first failure stops the run with one line naming
-the step, the cell and the error. Every executed step appends a row to `<run dir>/ledger.jsonl`.
+the step, the cell, the error and the step's full log. Every executed step appends a row to
+`<run dir>/ledger.jsonl`.
+
+The console shows one line per step as it starts and ends, and the progress bars of its long loops
+(`console.py`); papermill's per-cell log and the cells' output go to `<run dir>/logs/<step>.log`.
 
 Each step runs under the watchdog (`watchdog.py`): a step whose heartbeat goes quiet is killed with
 its kernel's process group, recorded as "stalled" in the ledger, and restarted.
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PROFILES, REPO_ROOT, Config, WatchdogConfig, load_config
+from .console import Console, StepLog, duration, log_path, notebook_title, setup_logging
 from .errors import PipelineError
 from .fingerprints import clear_state, write_state
 from .kernels import forget_kernels, kernel_manager_class, kernels_die_with_run, kill_kernels
@@ -78,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-reports", action="store_true", help="skip the analysis notebooks and HTML reports")
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print papermill's per-cell log and the cells' output (always in <run dir>/logs/)",
+    )
+    p.add_argument(
         "--cell-timeout",
         type=float,
         default=None,
@@ -118,9 +128,11 @@ def execute_notebook(
     parameters: dict[str, Any],
     cell_timeout: float | None = None,
     env: dict[str, str] | None = None,
+    progress: Any = None,
 ) -> None:
     """Execute a percent-format file with papermill (papermill cannot read .py itself), in a kernel
-    with `env` added to its environment that dies with this process."""
+    with `env` added to its environment that dies with this process. papermill logs each cell and
+    its output (see `console.StepLog`); `progress` also receives the kernel's stderr, where tqdm draws."""
     import jupytext
     import papermill as pm
 
@@ -136,6 +148,7 @@ def execute_notebook(
                 kernel_name="python3",
                 cwd=str(REPO_ROOT),
                 log_output=True,
+                stderr_file=progress,
                 progress_bar=False,
                 execution_timeout=cell_timeout,
                 kernel_manager_class=kernel_manager_class(env),
@@ -144,16 +157,16 @@ def execute_notebook(
         forget_kernels()
 
 
-def _failure_message(name: str, exc: Exception, output: Path) -> str:
+def _failure_message(name: str, exc: Exception, output: Path, log: Path) -> str:
     from papermill.exceptions import PapermillExecutionError
 
     if isinstance(exc, PapermillExecutionError):
         first = next((line for line in str(exc.source).splitlines() if line.strip()), "")
         return (
             f"step {name} failed in cell {exc.exec_count} ({_one_line(first, 80)!s}): {exc.ename}: "
-            f"{_one_line(exc.evalue)} (executed notebook: {output})"
+            f"{_one_line(exc.evalue)} (executed notebook: {output}; full log: {log})"
         )
-    return f"step {name} failed: {type(exc).__name__}: {_one_line(exc)}"
+    return f"step {name} failed: {type(exc).__name__}: {_one_line(exc)} (full log: {log})"
 
 
 def run_step(
@@ -163,15 +176,19 @@ def run_step(
     context: dict[str, Any],
     cell_timeout: float | None = None,
     watchdog: WatchdogConfig | None = None,
+    console: Console | None = None,
 ) -> dict[str, Any]:
     """Execute one step under the watchdog and append a ledger row per attempt.
 
     A stall (no heartbeat for `watchdog.stall_s`) kills the kernel's process group and restarts the
     step, which resumes from its JSONL or checkpoint; a restart halves the batch setting the stalled
-    work reported. Raises StepStalled after `watchdog.max_restarts` restarts, StepFailed on an error.
+    work reported. Raises StepStalled after `watchdog.max_restarts` restarts, StepFailed on an error;
+    each attempt's full log is appended to `<run dir>/logs/<step>.log`, which both messages name.
     """
     watchdog = watchdog or WatchdogConfig()
+    console = console or Console()
     output = paths.notebooks / f"{step.name}.ipynb"
+    log = log_path(paths, step.name)
     heartbeat = paths.root / "heartbeat" / f"{step.name}.json"
     env = {HEARTBEAT_ENV: str(heartbeat), STEP_ENV: step.name}
     overrides = list(parameters.get("overrides", []))
@@ -179,11 +196,21 @@ def run_step(
         started = time.time()
         error = None
         watch = HeartbeatWatch(heartbeat, watchdog.stall_s, watchdog.startup_s, on_stall=kill_kernels)
-        with ResourceMonitor() as monitor, watch:
+        header = f"{step.name}, attempt {attempt}, run {context['run_id']}"
+        with StepLog(log, header), ResourceMonitor() as monitor, watch:
             try:
-                execute_notebook(step.path, output, {**parameters, "overrides": overrides}, cell_timeout, env)
+                execute_notebook(
+                    step.path,
+                    output,
+                    {**parameters, "overrides": overrides},
+                    cell_timeout,
+                    env,
+                    console.progress(step.name),
+                )
             except Exception as exc:
                 error = exc
+                # papermill's error carries the cell's traceback: into the step's log
+                logging.getLogger(__name__).error("%s: %s", type(exc).__name__, exc)
         stall = watch.stall if error is not None else None
         status = "ok" if error is None else ("stalled" if stall else "failed")
         last = watch.read() or {}
@@ -203,7 +230,7 @@ def run_step(
         if stall is None:
             append_row(paths.ledger, row)
             if error is not None:
-                raise StepFailed(_failure_message(step.name, error, output)) from error
+                raise StepFailed(_failure_message(step.name, error, output, log)) from error
             return row
         shrink = _smaller_batch(stall)
         row.update(
@@ -211,16 +238,15 @@ def run_step(
         )
         if attempt > watchdog.max_restarts:
             append_row(paths.ledger, row)
-            raise StepStalled(_stall_message(step.name, stall, attempt, watchdog))
+            raise StepStalled(_stall_message(step.name, stall, attempt, watchdog) + f" (full log: {log})")
         if shrink:
             overrides.append(shrink)
             row["restart_with"] = shrink
         append_row(paths.ledger, row)
-        print(
+        console.line(
             f"run_all: {step.name}: stalled (no heartbeat for {stall.quiet_s:.0f} s after: {stall.message}); "
             f"killed its kernel, restarting ({attempt} of {watchdog.max_restarts})"
-            + (f" with {shrink}" if shrink else ""),
-            flush=True,
+            + (f" with {shrink}" if shrink else "")
         )
     raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -254,32 +280,48 @@ def clear_step(step: Step, paths: RunPaths) -> None:
         shutil.rmtree(paths.root / folder, ignore_errors=True)
 
 
-def render_reports(paths: RunPaths, reports_dir: Path, parameters: dict[str, Any], cfg: Config) -> list[Path]:
+def render_reports(
+    paths: RunPaths,
+    reports_dir: Path,
+    parameters: dict[str, Any],
+    cfg: Config,
+    console: Console | None = None,
+) -> list[Path]:
     """Execute the analysis notebooks and export them to HTML without code cells, plus an index.
 
     Every page is rendered before any is written, and each is written atomically (a temporary file
     renamed over the old one), so a kill leaves either the previous pages or the new ones, never a
-    half-written page; a page that fails to render raises ReportFailed naming it, writing nothing.
+    half-written page; a page that fails to render raises ReportFailed naming it and its log, writing
+    nothing. Each notebook gets a line as it starts and ends, and its log `logs/analysis_<name>.log`.
     """
     import nbformat
     from nbconvert import HTMLExporter
 
     from .reporting import write_index
 
+    console = console or Console()
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     pages: dict[Path, str] = {}
     for notebook in ANALYSIS:
         source = REPO_ROOT / notebook
         if not source.exists():
             continue
-        executed = paths.notebooks / f"analysis_{source.stem}.ipynb"
+        name = f"analysis_{source.stem}"
+        executed, log = paths.notebooks / f"{name}.ipynb", log_path(paths, name)
+        console.line(f"run_all: {name}: running ({notebook}; reports) — {notebook_title(source)}")
+        started = time.monotonic()
         try:
-            execute_notebook(source, executed, parameters)
+            with StepLog(log, name):
+                execute_notebook(source, executed, parameters, progress=console.progress(name))
             body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
         except Exception as exc:
+            console.line(
+                f"run_all: {name}: failed after {duration(time.monotonic() - started)}; full log: {log}"
+            )
             raise ReportFailed(
-                "report " + _failure_message(source.stem, exc, executed).removeprefix("step ")
+                "report " + _failure_message(source.stem, exc, executed, log).removeprefix("step ")
             ) from exc
+        console.line(f"run_all: {name}: ok in {duration(time.monotonic() - started)}")
         pages[reports_dir / f"{source.stem}.html"] = body
     reports_dir.mkdir(parents=True, exist_ok=True)
     for target, body in pages.items():
@@ -296,10 +338,11 @@ def render_reports(paths: RunPaths, reports_dir: Path, parameters: dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Progress (papermill's cell log and the kernels' output) goes to stdout; stderr carries only errors.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("papermill").setLevel(logging.INFO)
     args = _parser().parse_args(argv)
+    # People read stdout: a line per step and the bars of long loops; stderr carries only errors.
+    setup_logging(args.verbose)
+    console = Console(tty=False if args.verbose else None)
+    run_started = time.monotonic()
     try:
         profile = args.profile
         if profile.endswith((".yaml", ".yml")):  # the kernels run from the repository root
@@ -334,11 +377,16 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.simplefilter("always")
                 JsonlAppender(paths.ledger, key="row").close()
             for warning in caught:
-                print(f"run_all: {warning.message}", flush=True)
+                console.line(f"run_all: {warning.message}")
+        console.line(
+            f"run_all: profile {cfg.profile} on {context['device']}; run directory {run_dir}; "
+            f"each step's full log in {log_path(paths, '<step>')}"
+        )
+        ran = 0
         for step in steps:
             status = step_status(step, cfg, paths)
             if status.complete and not args.force:
-                print(f"run_all: {step.name}: complete, skipped (use --force to rerun)", flush=True)
+                console.line(f"run_all: {step.name}: complete, skipped (use --force to rerun)")
                 continue
             why = "--force" if args.force else status.reason
             if args.force or status.restart:  # from scratch: outputs and what a rerun would resume from
@@ -346,19 +394,35 @@ def main(argv: list[str] | None = None) -> int:
                 why += ", cleared its outputs" if not args.force else ""
             # recorded before the step starts, so a killed step resumes only under the same fingerprint
             write_state(paths.root, step.name, status.fingerprint, "running")
-            print(f"run_all: {step.name}: running ({step.notebook}; {why})", flush=True)
-            row = run_step(step, paths, parameters, context, args.cell_timeout, cfg.watchdog)
+            console.line(
+                f"run_all: {step.name}: running ({step.notebook}; {why}) — {notebook_title(step.path)}"
+            )
+            started = time.monotonic()
+            try:
+                row = run_step(step, paths, parameters, context, args.cell_timeout, cfg.watchdog, console)
+            except PipelineError:
+                console.line(
+                    f"run_all: {step.name}: failed after {duration(time.monotonic() - started)}; "
+                    f"full log: {log_path(paths, step.name)}"
+                )
+                raise
             write_state(paths.root, step.name, status.fingerprint, "complete")
-            print(f"run_all: {step.name}: done in {row['seconds']:.1f} s", flush=True)
+            console.line(f"run_all: {step.name}: ok in {duration(row['seconds'])}")
+            ran += 1
         if not args.no_reports and not args.steps:
             reports_dir = (
                 Path(args.reports_dir)
                 if args.reports_dir
                 else (run_dir / "reports" if args.run_dir else REPO_ROOT / "reports" / cfg.profile)
             )
-            written = render_reports(paths, reports_dir, parameters, cfg)
-            print(f"run_all: reports written to {written[-1]}", flush=True)
+            written = render_reports(paths, reports_dir, parameters, cfg, console)
+            console.line(f"run_all: reports written to {written[-1]}")
+        console.line(
+            f"run_all: finished in {duration(time.monotonic() - run_started)}: "
+            f"{ran} of {len(steps)} steps run, {len(steps) - ran} complete and skipped"
+        )
     except PipelineError as exc:
+        console.clear()
         print(f"run_all: error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0

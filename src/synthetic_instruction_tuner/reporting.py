@@ -523,28 +523,189 @@ def side_by_side(paths: RunPaths, task: str = "sit_heldout_ifeval", n: int = 3, 
     )
 
 
+# The metric a task is summed up by on the index page, first match wins: IFEval-style tasks' prompt-level
+# strict accuracy, HellaSwag's length-normalised accuracy, MMLU's and TruthfulQA's accuracy, bits per byte.
+HEADLINE_METRICS = ("prompt_level_strict_acc", "acc_norm", "acc", "exact_match", "mc2", "bits_per_byte")
+LOWER_IS_BETTER = ("bits_per_byte", "byte_perplexity", "word_perplexity")
+_INDEX_STYLE = (
+    "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0 1.5em}caption{caption-side:bottom;text-align:left;"
+    "font-size:.85em;color:#555;padding-top:.4em;max-width:60em}th,td{padding:.35em .8em;text-align:left;"
+    "vertical-align:top}table.result th,table.result td{border-bottom:1px solid #ddd}"
+    "thead th{background:#f3f3f3}.ci,small{color:#666;font-size:.85em}.num{white-space:nowrap}"
+)
+
+
+def headline_metric(metrics: list[str]) -> str:
+    """The metric a task is summed up by (`HEADLINE_METRICS`; lm-eval's ',filter' suffix ignored)."""
+    by_name = {m.split(",")[0]: m for m in sorted(metrics)}
+    return next((by_name[m] for m in HEADLINE_METRICS if m in by_name), sorted(metrics)[0])
+
+
+def _task_headlines(summary: dict) -> dict[str, str]:
+    """{task: headline metric}, the configured tasks first, then any other task in the metrics."""
+    found: dict[str, set[str]] = {}
+    for tasks in summary["metrics"].values():
+        for task, by_metric in tasks.items():
+            found.setdefault(task, set()).update(by_metric)
+    order = [t for t in summary.get("tasks", []) if t in found] + sorted(
+        set(found) - set(summary.get("tasks", []))
+    )
+    return {task: headline_metric(list(found[task])) for task in order}
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.split(",")[0] in LOWER_IS_BETTER
+
+
+def _label(method: str) -> str:
+    return html.escape(METHOD_LABELS.get(method, method))
+
+
+def _task_header(first: str, headlines: dict[str, str]) -> str:
+    cells = "".join(
+        f"<th>{html.escape(task)}<br><small>{html.escape(metric)}"
+        + (", lower is better" if _lower_is_better(metric) else "")
+        + "</small></th>"
+        for task, metric in headlines.items()
+    )
+    return f"<thead><tr><th>{first}</th>{cells}</tr></thead>"
+
+
+def method_table_html(summary: dict) -> str:
+    """Rows: the models; columns: each task's headline metric, value and 95% interval; best in bold."""
+    headlines = _task_headlines(summary)
+    methods = [m for m in METHOD_LABELS if m in summary["metrics"]]
+    methods += sorted(set(summary["metrics"]) - set(methods))
+    cells: dict[str, list[str]] = {m: [] for m in methods}
+    for task, metric in headlines.items():
+        values = {m: summary["metrics"][m].get(task, {}).get(metric) for m in methods}
+        present = [v["value"] for v in values.values() if v]
+        # a best only where the models differ
+        best = (min if _lower_is_better(metric) else max)(present) if len(set(present)) > 1 else None
+        for method, v in values.items():
+            if not v:
+                cells[method].append("<td>–</td>")
+                continue
+            value = f"{v['value']:.3f}"
+            value = f"<b>{value}</b>" if v["value"] == best else value
+            cells[method].append(
+                f'<td class="num">{value} <span class="ci">[{v["ci_low"]:.3f}, {v["ci_high"]:.3f}]</span></td>'
+            )
+    rows = "".join(f"<tr><th>{_label(m)}</th>{''.join(cells[m])}</tr>" for m in methods)
+    n = max(
+        (v["n"] for t in summary["metrics"].values() for by in t.values() for v in by.values()), default=0
+    )
+    caption = (
+        "Each task's headline metric: value [95% percentile-bootstrap interval over prompts, "
+        f"{summary.get('bootstrap_iters', '?')} resamples]; up to {n} prompts a task; bold: the best in its "
+        "column. Every metric is in method_comparison.html. Source: eval/summary.json (metrics)"
+    )
+    return (
+        f'<table class="result"><caption>{caption}</caption>{_task_header("model", headlines)}'
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def paired_table_html(summary: dict) -> str:
+    """Rows: the comparisons (first − second on the same prompts); columns: the tasks' headline metrics."""
+    headlines = _task_headlines(summary)
+    rows = []
+    for comparison in (summary.get("paired") or {}).values():
+        label = f"{_label(comparison['first'])} \u2212 {_label(comparison['second'])}"
+        cells = []
+        for task, metric in headlines.items():
+            d = comparison["tasks"].get(task, {}).get(metric)
+            if d is None:
+                cells.append("<td>–</td>")
+                continue
+            difference = _signed(d["difference"])
+            if d["ci_low"] > 0 or d["ci_high"] < 0:  # the interval excludes no difference
+                difference = f"<b>{difference}</b>"
+            test = (
+                f"{d['first_only']} vs {d['second_only']} prompts, p = {d['mcnemar_p']:.2g}"
+                if d.get("mcnemar_p") is not None
+                else "McNemar does not apply"
+            )
+            cells.append(
+                f'<td class="num">{difference} <span class="ci">[{_signed(d["ci_low"])}, '
+                f"{_signed(d['ci_high'])}]</span><br><small>{test}</small></td>"
+            )
+        rows.append(f"<tr><th>{label}</th>{''.join(cells)}</tr>")
+    caption = (
+        "Differences first \u2212 second on the same prompts, with a 95% paired percentile-bootstrap interval "
+        "(bold: the interval excludes 0); for 0/1 metrics the prompts only one of the two got right and the "
+        "exact McNemar p. Source: eval/summary.json (paired)"
+    )
+    return (
+        f'<table class="result"><caption>{caption}</caption>{_task_header("comparison", headlines)}'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def run_facts(paths: RunPaths, profile: str, models: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) rows: the run's total time and where it ran, from the ledger; profile and models."""
+    ledger = read_ledger(paths.ledger)
+    latest: dict[str, dict[str, Any]] = {}
+    for row in sorted((r for r in ledger if r["status"] == "ok"), key=lambda r: r["start"]):
+        latest[row["step"]] = row
+    seconds = sum(r["seconds"] for r in latest.values())
+    other = [r for r in ledger if r["status"] != "ok"]
+    total = (
+        f"{seconds:,.1f} s ({seconds / 60:.1f} min) over {len(latest)} steps, the latest successful run of each"
+        if latest
+        else "no step has run yet"
+    )
+    if other:
+        total += (
+            f"; {len(other)} stalled or failed attempts took {sum(r['seconds'] for r in other):,.1f} s more"
+        )
+    units = sum(r.get("compute_units", 0.0) for r in latest.values())
+    devices = ", ".join(dict.fromkeys(r["device"] for r in latest.values())) or "–"
+    return [
+        ("total time", total + f" (compute units: {units:.3g}); source: {paths.ledger.name}"),
+        ("where it ran", html.escape(devices)),
+        ("profile", html.escape(profile)),
+        *((name, f"<code>{html.escape(str(value))}</code>") for name, value in models.items()),
+        ("run directory", f"<code>{html.escape(str(paths.root))}</code>"),
+        ("runs in the ledger", ", ".join(sorted({r["run_id"] for r in ledger})) or "none"),
+        ("rendered", now_iso()),
+    ]
+
+
 def write_index(
     reports_dir: Path, paths: RunPaths, profile: str, pages: list[str], models: dict[str, Any]
 ) -> Path:
-    """index.html linking the rendered reports, saying which run, profile, models and date they describe."""
-    ledger = read_ledger(paths.ledger)
-    run_ids = sorted({r["run_id"] for r in ledger})
-    items = "\n".join(
+    """index.html: the result first (each model's score per task with its interval, the paired
+    differences), then the run's total time and where it ran, then links to the rendered reports."""
+    summary_path = paths.eval / "summary.json"
+    if summary_path.exists():
+        summary = read_json(summary_path)
+        result = (
+            "<p>What each model scores on each task: the base model, the three ways of tuning it on the "
+            "synthetic data, and the teacher that wrote that data.</p>"
+            + method_table_html(summary)
+            + "<h2>Paired differences</h2>"
+            + paired_table_html(summary)
+        )
+    else:
+        result = (
+            f"<p>No evaluation yet: <code>{html.escape(str(summary_path))}</code> does not exist. Step "
+            f"07_evaluate writes it: <code>python run_all.py --profile {html.escape(profile)}</code>.</p>"
+        )
+    facts = "".join(
+        f"<tr><th>{html.escape(label)}</th><td>{text}</td></tr>"
+        for label, text in run_facts(paths, profile, models)
+    )
+    items = "".join(
         f'<li><a href="{html.escape(p)}">{html.escape(Path(p).stem.replace("_", " "))}</a></li>'
         for p in pages
     )
-    model_rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(str(v))}</code></td></tr>"
-        for k, v in models.items()
-    )
     body = (
         "<!doctype html><html><head><meta charset='utf-8'><title>Synthetic Instruction Tuner reports</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}th{text-align:left;padding-right:1em}</style>"
-        "</head><body>"
+        f"<style>{_INDEX_STYLE}</style></head><body>"
         f"<h1>Synthetic Instruction Tuner — {html.escape(profile)} profile</h1>"
-        f"<table><tr><th>run directory</th><td><code>{html.escape(str(paths.root))}</code></td></tr>"
-        f"<tr><th>runs in the ledger</th><td>{html.escape(', '.join(run_ids) or 'none')}</td></tr>"
-        f"{model_rows}<tr><th>rendered</th><td>{now_iso()}</td></tr></table>"
+        f"<h2>Result</h2>{result}<h2>The run</h2><table>{facts}</table>"
         f"<h2>Reports</h2><ul>{items}</ul></body></html>"
     )
     target = reports_dir / "index.html"

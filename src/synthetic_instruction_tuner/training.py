@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .console import text_progress
 from .errors import PipelineError
 from .models import (
     device_map,
@@ -455,6 +456,7 @@ def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> d
     if cfg.hardware.dense_lm_head:
         use_dense_lm_head(trainer)
     trainer.add_callback(trainer_callback())  # the watchdog's heartbeat
+    text_progress(trainer)
     resume = last_checkpoint(output_dir)
     base_file = output_dir / "base_eval.json"
     if not base_file.exists():
@@ -534,6 +536,7 @@ def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     if cfg.hardware.dense_lm_head:
         use_dense_lm_head(trainer)
     trainer.add_callback(trainer_callback())  # the watchdog's heartbeat
+    text_progress(trainer)
     resume = last_checkpoint(output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate()
