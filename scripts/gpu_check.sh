@@ -26,7 +26,9 @@ for variant in t4 a100; do
   if python3 run_all.py "${common[@]}" "${extra[@]}" --run-dir "$work/$variant" > "$work/$variant.log" 2>&1; then
     status=ok
   else
-    status="FAILED (log: $work/$variant.log)"; failed=$((failed + 1)); tail -n 30 "$work/$variant.log"
+    status="FAILED (log: $work/$variant.log)"; failed=$((failed + 1)); tail -n 5 "$work/$variant.log"
+    last=$(ls -t "$work/$variant"/logs/*.log 2>/dev/null | head -n 1)
+    [ -n "$last" ] && tail -n 30 "$last"
   fi
   echo "== $variant path: $status in $(( $(date +%s) - start )) s"
   python3 - "$work/$variant" <<'PY'
