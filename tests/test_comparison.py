@@ -11,7 +11,7 @@ from synthetic_instruction_tuner.comparison import (
     value_kind,
 )
 from synthetic_instruction_tuner.errors import DataError
-from synthetic_instruction_tuner.evaluation import aggregate, bootstrap_ci
+from synthetic_instruction_tuner.metrics import aggregate, bootstrap_ci
 
 
 def test_exact_mcnemar_matches_a_hand_computed_table():

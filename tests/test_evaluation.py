@@ -5,13 +5,8 @@ import re
 
 import pytest
 
-from synthetic_instruction_tuner.evaluation import (
-    METHODS,
-    aggregate,
-    bootstrap_ci,
-    count_endings,
-    ifbench_data,
-)
+from synthetic_instruction_tuner.evaluation import METHODS, count_endings, ifbench_data
+from synthetic_instruction_tuner.metrics import aggregate, bootstrap_ci
 from synthetic_instruction_tuner.store import read_jsonl
 
 LOCAL_TASKS = ("sit_ifbench", "sit_heldout_ifeval", "sit_heldout_ppl")

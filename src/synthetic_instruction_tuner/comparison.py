@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .evaluation import PAIR_METRICS, aggregate
+from .metrics import PAIR_METRICS, aggregate
 from .store import RunPaths, read_jsonl
 
 # (first, second): the difference reported is first - second. The teacher is the generator model.
@@ -116,7 +116,7 @@ def _resampled_ratios(
 
 
 def _percentile_interval(stats: np.ndarray, level: float) -> tuple[float, float]:
-    """The same percentile convention as `evaluation.bootstrap_ci`; undefined resamples are left out."""
+    """The same percentile convention as `metrics.bootstrap_ci`; undefined resamples are left out."""
     ordered = np.sort(stats[~np.isnan(stats)])
     if not len(ordered):
         return float("nan"), float("nan")

@@ -33,15 +33,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import math
 import random
 import shutil
 import string
 from pathlib import Path
 from typing import Any
 
+from .comparison import family_table, paired_table
 from .config import Config
 from .errors import PipelineError
+from .metrics import aggregate, bootstrap_ci
 from .store import RunPaths, read_json, read_jsonl, write_json, write_jsonl
 from .watchdog import beat, watch_forward
 
@@ -328,32 +329,6 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
     return merged
 
 
-PAIR_METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")  # (log-likelihood, size) per sample
-
-
-def aggregate(metric: str, values: list[Any]) -> float:
-    """lm-eval's aggregation of one metric's per-sample values (per-sample lists are pooled)."""
-    if not values:
-        return float("nan")
-    if metric in PAIR_METRICS:
-        bits_per_byte = -sum(v[0] for v in values) / sum(v[1] for v in values) / math.log(2)
-        return 2**bits_per_byte if metric == "byte_perplexity" else bits_per_byte
-    if isinstance(values[0], list):
-        flat = [float(x) for v in values for x in v]
-        return sum(flat) / len(flat) if flat else float("nan")
-    return sum(float(v) for v in values) / len(values)
-
-
-def bootstrap_ci(
-    metric: str, values: list[Any], iters: int, seed: int, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap over prompts: each resample draws whole prompts with replacement."""
-    rng = random.Random(seed)
-    n = len(values)
-    stats = sorted(aggregate(metric, [values[rng.randrange(n)] for _ in range(n)]) for _ in range(iters))
-    return stats[int((1 - level) / 2 * (iters - 1))], stats[int((1 + level) / 2 * (iters - 1))]
-
-
 def metric_table(cfg: Config, paths: RunPaths) -> dict[str, Any]:
     """{method: {task: {metric: {value, ci_low, ci_high, n}}}} from the per-sample logs."""
     table: dict[str, Any] = {}
@@ -379,8 +354,6 @@ def metric_table(cfg: Config, paths: RunPaths) -> dict[str, Any]:
 
 def comparison_summary(cfg: Config, paths: RunPaths) -> dict[str, Any]:
     """summary.json's `paired` (method differences on the same prompts) and `constraint_families`."""
-    from .comparison import family_table, paired_table
-
     iters, seed = cfg.evaluation.bootstrap_iters, cfg.seed
     return {
         "paired": paired_table(paths, iters, seed),
