@@ -43,6 +43,7 @@ from .comparison import family_table, paired_table
 from .config import Config
 from .errors import PipelineError
 from .metrics import aggregate, bootstrap_ci
+from .offline_tasks import BENCHMARKS, write_offline_tasks
 from .store import RunPaths, read_json, read_jsonl, write_json, write_jsonl
 from .watchdog import beat, watch_forward
 
@@ -94,6 +95,8 @@ def prepare_local_tasks(cfg: Config, paths: RunPaths) -> Path:
         rendered = string.Template(template.read_text()).substitute(values)
         (tasks_dir / template.name).write_text(rendered)
     shutil.copy(TASK_TEMPLATES / "utils.py", tasks_dir / "utils.py")
+    benchmarks = [t for t in cfg.evaluation.local_tasks if t in BENCHMARKS]
+    write_json(data_dir / "benchmark_documents.json", write_offline_tasks(cfg, tasks_dir, benchmarks))
     return tasks_dir
 
 
@@ -205,9 +208,29 @@ def lm_eval_args(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
 def _tasks(cfg: Config) -> list[tuple[str, int | None]]:
     """(task, few-shot) in evaluation order: each is evaluated, and its results kept, on its own."""
     e = cfg.evaluation
-    if e.mode == "local":
-        return [(t, None) for t in e.local_tasks]
-    return [(t, e.mmlu_fewshot if t == "mmlu" else None) for t in e.hub_tasks]
+    tasks = e.local_tasks if e.mode == "local" else e.hub_tasks
+    return [(t, e.mmlu_fewshot if t == "mmlu" else None) for t in tasks]
+
+
+def _gen_kwargs(cfg: Config, task: str) -> dict[str, int] | None:
+    """lm-eval's gen_kwargs for one of its own generation benchmarks: the profile's token cap, if any."""
+    limit = cfg.evaluation.benchmark_max_gen_toks
+    return {"max_gen_toks": limit} if task == "ifeval" and limit is not None else None
+
+
+def pooled_samples(task: str, samples: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """One sample log per requested task: a group's subtasks (MMLU's 57 subjects) pooled into one,
+    each row's doc_id prefixed with its subtask, so paired statistics run over the whole group as
+    lm-eval's size-weighted group mean does."""
+    if list(samples) in ([task], []):
+        return samples
+    return {
+        task: [
+            {**row, "doc_id": f"{name}:{row['doc_id']}", "subtask": name}
+            for name, rows in sorted(samples.items())
+            for row in rows
+        ]
+    }
 
 
 def _jsonable(obj: Any) -> Any:
@@ -249,8 +272,12 @@ def _finished_task(paths: RunPaths, method: str, task: str, fingerprint: dict[st
 @functools.cache
 def _task_manager(include_path: str | None, _task_texts: str) -> Any:
     """lm-eval's task index (thousands of YAML files), built once per process for every method."""
+    import logging
+
     from lm_eval.tasks import TaskManager
 
+    # offline benchmark tasks replace lm-eval's own of the same name by design: one warning each
+    logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)
     return TaskManager(include_path=include_path) if include_path else TaskManager()
 
 
@@ -291,6 +318,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             limit=e.limit,
             bootstrap_iters=e.bootstrap_iters,
             log_samples=True,
+            gen_kwargs=_gen_kwargs(cfg, task),
             apply_chat_template=True,  # the same prompt format for every method, base included
             fewshot_as_multiturn=bool(fewshot),
             task_manager=manager,
@@ -299,7 +327,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed,
         )
-        samples = out.pop("samples", {})
+        samples = pooled_samples(task, out.pop("samples", {}))
         for name, rows in samples.items():
             write_jsonl(paths.eval / "samples" / method / f"{name}.jsonl", _jsonable(rows))
         endings = {k: v - before.get(k, 0) for k, v in getattr(lm, "endings", {}).items()}
