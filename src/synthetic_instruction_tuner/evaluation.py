@@ -39,7 +39,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from .comparison import family_table, paired_table
+from .comparison import family_table, paired_table, prompt_echo_table
 from .config import Config
 from .errors import PipelineError
 from .metrics import aggregate, bootstrap_ci
@@ -381,11 +381,13 @@ def metric_table(cfg: Config, paths: RunPaths) -> dict[str, Any]:
 
 
 def comparison_summary(cfg: Config, paths: RunPaths) -> dict[str, Any]:
-    """summary.json's `paired` (method differences on the same prompts) and `constraint_families`."""
+    """summary.json's `paired` (method differences on the same prompts), `constraint_families` and
+    `prompt_echo` (answers that open by repeating the prompt)."""
     iters, seed = cfg.evaluation.bootstrap_iters, cfg.seed
     return {
         "paired": paired_table(paths, iters, seed),
         "constraint_families": family_table(paths, METHODS, iters, seed),
+        "prompt_echo": prompt_echo_table(paths, METHODS),
     }
 
 
