@@ -247,6 +247,9 @@ class EvaluationConfig:
     hellaswag_docs: int = 0
     # new tokens for lm-eval's generation benchmarks (ifeval), as lm-eval's gen_kwargs; None: the task's own
     benchmark_max_gen_toks: int | None = None
+    # rows per forward for MMLU, TruthfulQA and HellaSwag, whose log-likelihoods hold a whole
+    # (rows x tokens x vocabulary) tensor; None: batch_size
+    loglikelihood_batch_size: int | None = None
 
 
 @dataclass

@@ -212,6 +212,13 @@ def _tasks(cfg: Config) -> list[tuple[str, int | None]]:
     return [(t, e.mmlu_fewshot if t == "mmlu" else None) for t in tasks]
 
 
+def _batch_size(cfg: Config, task: str) -> int:
+    """Rows per forward: log-likelihood benchmarks can have their own, smaller batch."""
+    e = cfg.evaluation
+    scored = task in BENCHMARKS and task != "ifeval"
+    return e.loglikelihood_batch_size if scored and e.loglikelihood_batch_size else e.batch_size
+
+
 def _gen_kwargs(cfg: Config, task: str) -> dict[str, int] | None:
     """lm-eval's gen_kwargs for one of its own generation benchmarks: the profile's token cap, if any."""
     limit = cfg.evaluation.benchmark_max_gen_toks
@@ -310,6 +317,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
         lm = make_lm(cfg, paths, method, device)
     for task, fewshot in todo:
         beat(f"evaluating {method}: building {task}", kind="evaluate", loading=True)
+        lm.batch_size_per_gpu = _batch_size(cfg, task)
         before = dict(getattr(lm, "endings", {}))
         out = lm_eval.simple_evaluate(
             model=lm,
