@@ -229,7 +229,7 @@ def test_report_shows_paired_statistics_and_the_teacher(smoke_run):
     tables = pd.read_html(io.StringIO(page))
     scores = [t for t in tables if "prompt_level_strict_acc" in t.columns and "method" in t.columns]
     assert scores and all("teacher (generator)" in set(t["method"]) for t in scores)
-    paired = [t for t in tables if "exact McNemar p" in t.columns]
+    paired = [t for t in tables if "exact McNemar p" in t.columns and "comparison" in t.columns]
     assert len(paired) == len(LOCAL_TASKS)
     rows = pd.concat(paired)
     assert set(rows["comparison"]) == {
@@ -259,3 +259,26 @@ def test_report_shows_paired_statistics_and_the_teacher(smoke_run):
     subset = sources["source"].str.contains("of which")
     assert sources.loc[~subset, "rows"].sum() == prefs["sft_train"]["rows"] > 0
     assert sources.loc[subset, "rows"].tolist() == [prefs["sft_train"]["format_edited"]]
+
+
+def test_report_leads_with_the_seed_benchmarks_and_the_alignment_tax(smoke_run):
+    import io
+
+    import pandas as pd
+
+    run, reports = smoke_run
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    page = (reports / "method_comparison.html").read_text()
+    tables = pd.read_html(io.StringIO(page))
+    seed = tables[0]  # the first table on the page
+    assert list(seed.columns) == ["method", "IFEval", "MMLU (5-shot)", "TruthfulQA MC2", "HellaSwag"]
+    assert len(seed) == len(METHODS) and set(seed["HellaSwag"]) == {"not run"}
+    mmlu = summary["metrics"]["base"]["mmlu"]["acc"]
+    base = seed[seed["method"] == "base model"].iloc[0]
+    assert base["MMLU (5-shot)"] == f"{mmlu['value']:.3f} [{mmlu['ci_low']:.3f}, {mmlu['ci_high']:.3f}]"
+    (tax,) = [t for t in tables if "change against base" in t.columns]
+    assert len(tax) == 6 and set(tax["benchmark"]) == {"MMLU (5-shot)", "TruthfulQA MC2"}
+    assert set(tax[tax["benchmark"] == "TruthfulQA MC2"]["exact McNemar p"]) == {"does not apply"}
+    assert (tax[tax["benchmark"] == "MMLU (5-shot)"]["questions"] == 57).all()
+    (echo,) = [t for t in tables if "open by repeating the prompt" in t.columns]
+    assert len(echo) == 3 * len(METHODS) and (echo["answers"] == 4).all()

