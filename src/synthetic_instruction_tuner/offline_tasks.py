@@ -16,6 +16,7 @@ with ``lm_eval --include_path``.
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,8 @@ def write_offline_tasks(cfg: Config, tasks_dir: Path, names: list[str]) -> dict[
     """Write the offline YAML (tasks_dir/benchmarks/) and data (tasks_dir/data/) of each benchmark
     in `names`; return the number of documents each will score."""
     data_dir, out_dir = tasks_dir / "data", tasks_dir / "benchmarks"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a task dropped from the settings leaves no stale file
+    out_dir.mkdir(parents=True)
     documents: dict[str, int] = {}
     for name in names:
         bench = BENCHMARKS[name]

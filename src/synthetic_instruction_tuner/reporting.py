@@ -608,8 +608,9 @@ def alignment_tax_table(paths: RunPaths) -> Any:
                     "adapter": METHOD_LABELS[adapter],
                     "benchmark": label,
                     "questions": d["n"],
-                    "change against base": _signed(d["difference"]),
-                    "95% paired interval": f"[{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]",
+                    # rounded first: identical answers leave float noise that would print as -0.000
+                    "change against base": _signed(round(d["difference"], 9)),
+                    "95% paired interval": f"[{_signed(round(d['ci_low'], 9))}, {_signed(round(d['ci_high'], 9))}]",
                     "exact McNemar p": f"{d['mcnemar_p']:.3g}" if binary else "does not apply",
                 }
             )
