@@ -32,6 +32,28 @@ print(
 )
 
 # %% [markdown]
+# ## The seed's four benchmarks
+#
+# lm-eval's own `ifeval`, `mmlu` (5-shot), `truthfulqa_mc2` and `hellaswag`; offline profiles read the
+# repository's copies of their data (`benchmark_data/SOURCE.md`), with lm-eval's prompts, few-shot
+# examples and metrics unchanged.
+
+# %%
+reporting.seed_benchmark_table(ctx.paths)
+
+# %% [markdown]
+# ## The alignment tax: what tuning costs on knowledge benchmarks
+
+# %%
+reporting.alignment_tax_table(ctx.paths)
+
+# %% [markdown]
+# ## Answers that open by repeating the prompt
+
+# %%
+reporting.prompt_echo_frame(ctx.paths)
+
+# %% [markdown]
 # ## Scores
 
 # %%

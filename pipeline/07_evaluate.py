@@ -11,10 +11,11 @@
 #
 # **Purpose.** Score the base model, the LoRA SFT adapter, the prompt-tuning adapter and the DPO
 # adapter on the same tasks, with the teacher (the generator model, in its own chat template) as a
-# reference row. Profiles with Hub access run lm-eval's `ifeval`, `mmlu` (5-shot),
-# `truthfulqa_mc2` and `hellaswag`; offline profiles run this repository's local tasks: IFBench's test
-# prompts, the held-out constraint prompts (lm-eval's IFEval metrics) and the log-likelihood of the
-# held-out responses. Every metric gets a 95% percentile-bootstrap interval over prompts; the
+# reference row. Every profile runs lm-eval's own `ifeval`, `mmlu` (5-shot), `truthfulqa_mc2` and
+# `hellaswag` task definitions: with Hub access on the Hub's data, offline on the repository's copies
+# (`benchmark_data/SOURCE.md`; HellaSwag's is not shipped), beside this repository's own tasks:
+# IFBench's test prompts, the held-out constraint prompts (lm-eval's IFEval metrics) and the
+# log-likelihood of the held-out responses. Every metric gets a 95% percentile-bootstrap interval over prompts; the
 # differences SFT − base, DPO − SFT, prompt tuning − base and each student − teacher are measured on the
 # same prompts (paired bootstrap interval, exact McNemar p for 0/1 metrics).
 #
@@ -22,7 +23,7 @@
 #
 # **Outputs.** `eval/<method>.json` (lm-eval results), `eval/samples/<method>/<task>.jsonl` (per-sample
 # logs), `eval/summary.json` (all metrics with intervals, `paired` differences, accuracy per
-# `constraint_families`), `eval/tasks/` (the local task YAML as run).
+# `constraint_families`, `prompt_echo`), `eval/tasks/` (the local task YAML and data as run).
 
 # %%
 import pandas as pd

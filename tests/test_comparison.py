@@ -11,7 +11,7 @@ from synthetic_instruction_tuner.comparison import (
     value_kind,
 )
 from synthetic_instruction_tuner.errors import DataError
-from synthetic_instruction_tuner.evaluation import aggregate, bootstrap_ci
+from synthetic_instruction_tuner.metrics import aggregate, bootstrap_ci
 
 
 def test_exact_mcnemar_matches_a_hand_computed_table():
@@ -97,3 +97,32 @@ def test_accuracy_per_constraint_family():
     rows[0]["inst_level_strict_acc"] = [True]
     with pytest.raises(DataError, match="doc_id 0: inst_level_strict_acc has 1 results for 2 instructions"):
         family_accuracy(rows, iters=10, seed=0)
+
+
+def test_an_answer_that_restates_the_request_is_counted_as_a_prompt_echo(tmp_path):
+    from synthetic_instruction_tuner.comparison import begins_with_prompt, prompt_echo_table
+    from synthetic_instruction_tuner.store import RunPaths, write_jsonl
+
+    prompt = "Write a short poem about the sea. Include the keywords salt and wave."
+    assert begins_with_prompt(prompt, "write a SHORT poem about the sea! Include the keywords... Salt, wave.")
+    assert not begins_with_prompt(prompt, "The sea is salt and wave.")
+    assert not begins_with_prompt("", "anything")
+    paths = RunPaths(tmp_path)
+
+    def row(i, answer, ids=("keywords:existence",)):
+        doc = {"prompt": prompt, "instruction_id_list": list(ids)}
+        return {"doc_id": i, "doc": doc, "filtered_resps": [answer], "metrics": ["acc"], "acc": 1}
+
+    write_jsonl(
+        paths.eval / "samples" / "base" / "ifeval.jsonl",
+        [
+            row(0, prompt + " Salt. Wave."),
+            row(1, "Waves of salt."),
+            row(2, prompt, ids=("combination:repeat_prompt",)),
+            row(3, "  " + prompt.upper()),
+        ],
+    )
+    scored = {"doc_id": 0, "doc": {"question": "q"}, "filtered_resps": [[-1.0, False]], "metrics": ["acc"]}
+    write_jsonl(paths.eval / "samples" / "base" / "mmlu.jsonl", [scored])
+    table = prompt_echo_table(paths, ["base", "dpo"])
+    assert table == {"base": {"ifeval": {"answers": 4, "echo": 3, "echo_share": 0.75, "echo_asked": 1}}}

@@ -5,16 +5,14 @@ import re
 
 import pytest
 
-from synthetic_instruction_tuner.evaluation import (
-    METHODS,
-    aggregate,
-    bootstrap_ci,
-    count_endings,
-    ifbench_data,
-)
+from synthetic_instruction_tuner.evaluation import METHODS, count_endings, ifbench_data
+from synthetic_instruction_tuner.metrics import aggregate, bootstrap_ci
 from synthetic_instruction_tuner.store import read_jsonl
 
-LOCAL_TASKS = ("sit_ifbench", "sit_heldout_ifeval", "sit_heldout_ppl")
+LOCAL_TASKS = ("sit_ifbench", "sit_heldout_ifeval", "sit_heldout_ppl", "ifeval", "mmlu", "truthfulqa_mc2")
+# documents per task on the smoke profile: evaluation.limit 4, MMLU one question in each of 57 subjects
+DOCS = {task: 57 if task == "mmlu" else 4 for task in LOCAL_TASKS}
+BINARY = {"prompt_level_strict_acc", "prompt_level_loose_acc", ("mmlu", "acc")}  # 0/1 per document
 
 
 def test_ifbench_prompts_come_from_the_wheel():
@@ -81,8 +79,10 @@ def test_results_files_have_lm_evals_schema(smoke_run):
         assert "bits_per_byte,none" in results["results"]["sit_heldout_ppl"]
         for task in LOCAL_TASKS:
             samples = read_jsonl(run / "eval" / "samples" / method / f"{task}.jsonl")
-            assert len(samples) == 4 and {"doc_id", "doc", "resps", "metrics"} <= set(samples[0])
+            assert len(samples) == DOCS[task] and {"doc_id", "doc", "resps", "metrics"} <= set(samples[0])
+        assert "acc,none" in results["results"]["mmlu"] and "acc,none" in results["results"]["truthfulqa_mc2"]
     assert (run / "eval" / "tasks" / "sit_ifbench.yaml").exists()
+    assert (run / "eval" / "tasks" / "benchmarks" / "mmlu_anatomy.yaml").exists()
 
 
 def test_summary_has_every_metric_with_an_interval(smoke_run):
@@ -91,9 +91,10 @@ def test_summary_has_every_metric_with_an_interval(smoke_run):
     assert summary["mode"] == "local" and set(summary["metrics"]) == set(METHODS)
     for tasks in summary["metrics"].values():
         assert set(tasks) == set(LOCAL_TASKS)
+        assert tasks["mmlu"]["acc"]["n"] == 57 and 0 <= tasks["truthfulqa_mc2"]["acc"]["value"] <= 1
         ppl = tasks["sit_heldout_ppl"]["bits_per_byte"]
         assert ppl["value"] > 0 and ppl["ci_low"] <= ppl["value"] <= ppl["ci_high"] and ppl["n"] == 4
-        for task in ("sit_ifbench", "sit_heldout_ifeval"):
+        for task in ("sit_ifbench", "sit_heldout_ifeval", "ifeval"):
             assert set(tasks[task]) == {
                 "prompt_level_strict_acc",
                 "inst_level_strict_acc",
@@ -116,10 +117,14 @@ def test_summary_counts_how_each_methods_answers_end(smoke_run):
     endings = summary["generation_endings"]
     assert set(endings) == set(METHODS)
     for e in endings.values():
-        # 4 IFBench + 4 held-out prompts are generated per method (the ppl task is log-likelihood)
-        assert e["generations"] == 8 and 0 <= e["ended_with_eos"] <= 8
+        # 4 IFBench + 4 held-out + 4 IFEval prompts are generated per method (the others are scored)
+        assert e["generations"] == 12 and 0 <= e["ended_with_eos"] <= 12
         assert e["max_gen_toks"] == 16
-        assert 0 <= e["new_tokens"] <= 8 * 16
+        assert 0 <= e["new_tokens"] <= 12 * 16
+    for tasks in summary["prompt_echo"].values():
+        assert set(tasks) == {"sit_ifbench", "sit_heldout_ifeval", "ifeval"}
+        assert all(t["answers"] == 4 and 0 <= t["echo"] <= 4 for t in tasks.values())
+    assert set(summary["prompt_echo"]) == set(METHODS)
 
 
 def test_reports_are_built_with_tables_and_figures(smoke_run):
@@ -156,7 +161,7 @@ def test_teacher_is_evaluated_on_the_same_prompts_in_its_own_template(smoke_run)
     run, _ = smoke_run
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert set(summary["metrics"]["teacher"]) == set(LOCAL_TASKS)
-    assert summary["generation_endings"]["teacher"]["generations"] == 8
+    assert summary["generation_endings"]["teacher"]["generations"] == 12
     teacher = read_jsonl(run / "eval" / "samples" / "teacher" / "sit_heldout_ifeval.jsonl")
     base = read_jsonl(run / "eval" / "samples" / "base" / "sit_heldout_ifeval.jsonl")
     assert [r["doc_hash"] for r in teacher] == [r["doc_hash"] for r in base]
@@ -179,13 +184,14 @@ def test_summary_pairs_every_comparison_on_the_same_prompts(smoke_run):
         for task, by_metric in comparison["tasks"].items():
             assert set(by_metric) == set(metrics[first][task])
             for metric, d in by_metric.items():
-                assert d["n"] == 4 and d["ci_low"] <= d["ci_high"]
+                n = DOCS[task]
+                assert d["n"] == n and d["ci_low"] <= d["ci_high"]
                 unpaired = metrics[first][task][metric]["value"] - metrics[second][task][metric]["value"]
                 assert d["difference"] == pytest.approx(unpaired)
-                if metric.startswith("prompt_level"):
+                if metric in BINARY or (task, metric) in BINARY:
                     cells = (d["both"], d["first_only"], d["second_only"], d["neither"])
-                    assert sum(cells) == 4
-                    assert d["difference"] == pytest.approx((d["first_only"] - d["second_only"]) / 4)
+                    assert sum(cells) == n
+                    assert d["difference"] == pytest.approx((d["first_only"] - d["second_only"]) / n)
                     discordant = d["first_only"] + d["second_only"]
                     expected = binomtest(d["first_only"], discordant).pvalue if discordant else 1.0
                     assert d["mcnemar_p"] == pytest.approx(expected)
@@ -199,7 +205,7 @@ def test_summary_has_accuracy_per_constraint_family(smoke_run):
     families = summary["constraint_families"]
     assert set(families) == set(METHODS)
     for method, tasks in families.items():
-        assert set(tasks) == {"sit_ifbench", "sit_heldout_ifeval"}
+        assert set(tasks) == {"sit_ifbench", "sit_heldout_ifeval", "ifeval"}
         for task, by_family in tasks.items():
             samples = read_jsonl(run / "eval" / "samples" / method / f"{task}.jsonl")
             ids = [i for r in samples for i in r["doc"]["instruction_id_list"]]
@@ -223,9 +229,10 @@ def test_report_shows_paired_statistics_and_the_teacher(smoke_run):
     tables = pd.read_html(io.StringIO(page))
     scores = [t for t in tables if "prompt_level_strict_acc" in t.columns and "method" in t.columns]
     assert scores and all("teacher (generator)" in set(t["method"]) for t in scores)
-    paired = [t for t in tables if "exact McNemar p" in t.columns]
+    paired = [t for t in tables if "exact McNemar p" in t.columns and "comparison" in t.columns]
     assert len(paired) == len(LOCAL_TASKS)
     rows = pd.concat(paired)
+    heldout = paired[sorted(LOCAL_TASKS).index("sit_heldout_ifeval")]  # one table per task, by name
     assert set(rows["comparison"]) == {
         "LoRA SFT \u2212 base model",
         "DPO (on SFT) \u2212 LoRA SFT",
@@ -236,15 +243,15 @@ def test_report_shows_paired_statistics_and_the_teacher(smoke_run):
         "DPO (on SFT) \u2212 teacher (generator)",
     }
     d = summary["paired"]["sft_lora - teacher"]["tasks"]["sit_heldout_ifeval"]["prompt_level_strict_acc"]
-    row = rows[
-        (rows["comparison"] == "LoRA SFT \u2212 teacher (generator)")
-        & (rows["metric"] == "prompt_level_strict_acc")
+    row = heldout[
+        (heldout["comparison"] == "LoRA SFT \u2212 teacher (generator)")
+        & (heldout["metric"] == "prompt_level_strict_acc")
     ].iloc[0]
     assert float(row["exact McNemar p"]) == pytest.approx(d["mcnemar_p"], rel=1e-2)
     assert row["only first right / only second right"] == f"{d['first_only']} / {d['second_only']}"
     assert (rows[rows["metric"] == "bits_per_byte"]["exact McNemar p"] == "does not apply").all()
     families = [t for t in tables if "constraint family" in t.columns]
-    assert len(families) == 2 and all("teacher (generator)" in t.columns for t in families)
+    assert len(families) == 3 and all("teacher (generator)" in t.columns for t in families)
     # step 04's constraint funnel: pass rates of the teacher's samples and where the SFT rows come from
     prefs = json.loads((run / "data" / "preferences_summary.json").read_text())
     (rates,) = [t for t in tables if list(t.columns) == ["constraint", "samples", "passed", "rate"]]
@@ -253,3 +260,26 @@ def test_report_shows_paired_statistics_and_the_teacher(smoke_run):
     subset = sources["source"].str.contains("of which")
     assert sources.loc[~subset, "rows"].sum() == prefs["sft_train"]["rows"] > 0
     assert sources.loc[subset, "rows"].tolist() == [prefs["sft_train"]["format_edited"]]
+
+
+def test_report_leads_with_the_seed_benchmarks_and_the_alignment_tax(smoke_run):
+    import io
+
+    import pandas as pd
+
+    run, reports = smoke_run
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    page = (reports / "method_comparison.html").read_text()
+    tables = pd.read_html(io.StringIO(page))
+    seed = tables[0]  # the first table on the page
+    assert list(seed.columns) == ["method", "IFEval", "MMLU (5-shot)", "TruthfulQA MC2", "HellaSwag"]
+    assert len(seed) == len(METHODS) and set(seed["HellaSwag"]) == {"not run"}
+    mmlu = summary["metrics"]["base"]["mmlu"]["acc"]
+    base = seed[seed["method"] == "base model"].iloc[0]
+    assert base["MMLU (5-shot)"] == f"{mmlu['value']:.3f} [{mmlu['ci_low']:.3f}, {mmlu['ci_high']:.3f}]"
+    (tax,) = [t for t in tables if "change against base" in t.columns]
+    assert len(tax) == 6 and set(tax["benchmark"]) == {"MMLU (5-shot)", "TruthfulQA MC2"}
+    assert set(tax[tax["benchmark"] == "TruthfulQA MC2"]["exact McNemar p"]) == {"does not apply"}
+    assert (tax[tax["benchmark"] == "MMLU (5-shot)"]["questions"] == 57).all()
+    (echo,) = [t for t in tables if "open by repeating the prompt" in t.columns]
+    assert len(echo) == 3 * len(METHODS) and (echo["answers"] == 4).all()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .evaluation import PAIR_METRICS, aggregate
+from .metrics import PAIR_METRICS, aggregate
 from .store import RunPaths, read_jsonl
 
 # (first, second): the difference reported is first - second. The teacher is the generator model.
@@ -116,7 +116,7 @@ def _resampled_ratios(
 
 
 def _percentile_interval(stats: np.ndarray, level: float) -> tuple[float, float]:
-    """The same percentile convention as `evaluation.bootstrap_ci`; undefined resamples are left out."""
+    """The same percentile convention as `metrics.bootstrap_ci`; undefined resamples are left out."""
     ordered = np.sort(stats[~np.isnan(stats)])
     if not len(ordered):
         return float("nan"), float("nan")
@@ -254,4 +254,47 @@ def family_table(paths: RunPaths, methods: Sequence[str], iters: int, seed: int)
             if not set(FAMILY_METRICS) <= set(rows[0].get("metrics", [])):
                 continue
             out.setdefault(method, {})[log.stem] = family_accuracy(rows, iters, seed)
+    return out
+
+
+ECHO_WORDS = 8  # an answer "repeats the prompt" when its first words are the prompt's first words
+REPEAT_INSTRUCTION = "combination:repeat_prompt"  # IFEval asks for the echo on these prompts
+
+
+def _words(text: str, n: int) -> list[str]:
+    return [w.strip(".,;:!?\"'()[]*#").casefold() for w in text.split()[:n]]
+
+
+def begins_with_prompt(prompt: str, answer: str) -> bool:
+    """Whether `answer` opens with the prompt's first ECHO_WORDS words (case and edge punctuation aside).
+
+    A base model that continues a chat by restating the request scores on IFEval instructions the
+    prompt itself satisfies (a keyword, a phrase); this counts how often that happens."""
+    head = _words(prompt, ECHO_WORDS)
+    return bool(head) and _words(answer, len(head)) == head
+
+
+def _answer(row: dict[str, Any]) -> str | None:
+    """The generated text of a sample row (lm-eval's filtered response), or None for scored tasks."""
+    response = (row.get("filtered_resps") or [None])[0]
+    return response if isinstance(response, str) else None
+
+
+def prompt_echo_table(paths: RunPaths, methods: Sequence[str]) -> dict[str, Any]:
+    """{method: {task: {answers, echo, echo_share, echo_asked}}} over every generation task whose
+    documents carry a `prompt`; `echo_asked` counts the echoes IFEval's repeat_prompt asked for."""
+    out: dict[str, Any] = {}
+    for method in methods:
+        for log in sorted((paths.eval / "samples" / method).glob("*.jsonl")):
+            rows = read_jsonl(log, required=("doc_id", "doc"))
+            pairs = [(r["doc"], _answer(r)) for r in rows if "prompt" in r["doc"] and _answer(r) is not None]
+            if not pairs:
+                continue
+            echoed = [doc for doc, answer in pairs if begins_with_prompt(doc["prompt"], answer)]
+            out.setdefault(method, {})[log.stem] = {
+                "answers": len(pairs),
+                "echo": len(echoed),
+                "echo_share": len(echoed) / len(pairs),
+                "echo_asked": sum(REPEAT_INSTRUCTION in d.get("instruction_id_list", []) for d in echoed),
+            }
     return out

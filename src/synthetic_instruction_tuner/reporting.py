@@ -711,3 +711,98 @@ def write_index(
     target = reports_dir / "index.html"
     atomic_write_text(target, body)  # a kill leaves the old page or the new one, never half of one
     return target
+
+
+# The seed's four benchmarks, each with its headline metric (lm-eval's own tasks, offline or from the Hub)
+SEED_BENCHMARKS = {
+    "ifeval": ("IFEval", "prompt_level_strict_acc"),
+    "mmlu": ("MMLU (5-shot)", "acc"),
+    "truthfulqa_mc2": ("TruthfulQA MC2", "acc"),
+    "hellaswag": ("HellaSwag", "acc_norm"),
+}
+KNOWLEDGE_BENCHMARKS = ("mmlu", "hellaswag", "truthfulqa_mc2")  # what instruction tuning can cost
+ADAPTERS = ("sft_lora", "prompt_tuning", "dpo")
+
+
+def seed_benchmark_table(paths: RunPaths) -> Any:
+    """A row per model, a column per seed benchmark: 'value [low, high]', or why it was not run."""
+    import pandas as pd
+
+    summary = read_json(paths.eval / "summary.json")
+    sizes = {}
+    rows = []
+    for method, tasks in summary["metrics"].items():
+        row = {"method": METHOD_LABELS[method]}
+        for task, (label, metric) in SEED_BENCHMARKS.items():
+            m = tasks.get(task, {}).get(metric)
+            row[label] = f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m else "not run"
+            if m:
+                sizes[label] = m["n"]
+        rows.append(row)
+    counted = "; ".join(f"{label} {n} documents" for label, n in sizes.items()) or "none run"
+    return _caption(
+        pd.DataFrame(rows),
+        f"The seed's four benchmarks through lm-eval's own tasks ({summary['mode']} data: "
+        "benchmark_data/SOURCE.md offline); IFEval prompt-level strict accuracy, MMLU accuracy, TruthfulQA "
+        f"MC2, HellaSwag length-normalised accuracy. {counted}; value [95% percentile-bootstrap interval]. "
+        f"Source: {paths.eval / 'summary.json'}",
+    )
+
+
+def alignment_tax_table(paths: RunPaths) -> Any:
+    """Each adapter minus the base model on the knowledge benchmarks, paired on the same questions."""
+    import pandas as pd
+
+    summary = read_json(paths.eval / "summary.json")
+    paired = summary.get("paired") or {}
+    rows = []
+    for adapter in ADAPTERS:
+        tasks = paired.get(f"{adapter} - base", {}).get("tasks", {})
+        for task in KNOWLEDGE_BENCHMARKS:
+            label, metric = SEED_BENCHMARKS[task]
+            d = tasks.get(task, {}).get(metric)
+            if d is None:
+                continue
+            binary = d.get("mcnemar_p") is not None
+            rows.append(
+                {
+                    "adapter": METHOD_LABELS[adapter],
+                    "benchmark": label,
+                    "questions": d["n"],
+                    # rounded first: identical answers leave float noise that would print as -0.000
+                    "change against base": _signed(round(d["difference"], 9)),
+                    "95% paired interval": f"[{_signed(round(d['ci_low'], 9))}, {_signed(round(d['ci_high'], 9))}]",
+                    "exact McNemar p": f"{d['mcnemar_p']:.3g}" if binary else "does not apply",
+                }
+            )
+    return _caption(
+        pd.DataFrame(rows),
+        "Alignment tax: adapter \u2212 base model on the same questions (a negative change is knowledge "
+        "lost to instruction tuning); paired percentile-bootstrap interval; McNemar for 0/1 accuracy "
+        f"(TruthfulQA MC2 is a probability per question). Source: {paths.eval / 'summary.json'} (paired)",
+    )
+
+
+def prompt_echo_frame(paths: RunPaths) -> Any:
+    """Per model and generation task: answers that open by repeating the prompt."""
+    import pandas as pd
+
+    summary = read_json(paths.eval / "summary.json")
+    rows = [
+        {
+            "method": METHOD_LABELS[method],
+            "task": task,
+            "answers": e["answers"],
+            "open by repeating the prompt": e["echo"],
+            "share": round(e["echo_share"], 3),
+            "of which asked for (repeat_prompt)": e["echo_asked"],
+        }
+        for method, tasks in (summary.get("prompt_echo") or {}).items()
+        for task, e in tasks.items()
+    ]
+    return _caption(
+        pd.DataFrame(rows),
+        "An answer repeats the prompt when its first 8 words are the prompt's (case and edge punctuation "
+        "aside); a restated request can satisfy IFEval instructions by itself, which inflates a base "
+        f"model's score. Source: {paths.eval / 'summary.json'} (prompt_echo)",
+    )
