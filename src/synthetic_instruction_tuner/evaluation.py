@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .distributed import enable_data_parallel, is_main_process
 from .errors import PipelineError
 from .store import RunPaths, read_json, read_jsonl, write_json, write_jsonl
 from .watchdog import beat, watch_forward
@@ -192,7 +193,7 @@ def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
         model, tokenizer = load_teacher(cfg, device)
     else:
         model, tokenizer = load_for_generation(cfg, paths, method, device)
-    return _adapter_lm_class()(**lm_eval_args(cfg, model, tokenizer))
+    return enable_data_parallel(_adapter_lm_class()(**lm_eval_args(cfg, model, tokenizer)))
 
 
 def lm_eval_args(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
@@ -298,6 +299,8 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed,
         )
+        if out is None:  # another process of a launched step: the first gathers and writes
+            continue
         samples = out.pop("samples", {})
         for name, rows in samples.items():
             write_jsonl(paths.eval / "samples" / method / f"{name}.jsonl", _jsonable(rows))
@@ -310,6 +313,8 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             "generation_endings": endings if endings.get("generations") else None,
         }
         write_json(task_result_path(paths, method, task), records[task])  # last: the task is done
+    if not is_main_process():
+        return {}
     merged: dict[str, Any] = {}
     endings: dict[str, int] = {}
     for task, _ in _tasks(cfg):
@@ -393,6 +398,8 @@ def run_evaluation(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     eval/summary.json."""
     for method in METHODS:
         evaluate_method(cfg, paths, method, device)
+    if not is_main_process():
+        return {}
     summary = {
         "mode": cfg.evaluation.mode,
         "tasks": cfg.evaluation.local_tasks if cfg.evaluation.mode == "local" else cfg.evaluation.hub_tasks,
