@@ -92,7 +92,9 @@ def per_process_batch(per_device: int, accumulation: int, processes: int) -> tup
 def resolve_accelerate_config(value: str) -> Path:
     """An accelerate config path as given, or relative to the repository (configs/accelerate/...)."""
     path = Path(value).expanduser()
-    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
+    if path.is_absolute():
+        return path
+    return path.resolve() if path.exists() else REPO_ROOT / path
 
 
 def _free_port() -> int:

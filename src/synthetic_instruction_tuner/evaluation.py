@@ -303,6 +303,8 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             continue
         samples = out.pop("samples", {})
         for name, rows in samples.items():
+            # in document order: processes of a launched step gather theirs interleaved
+            rows = sorted(rows, key=lambda row: row.get("doc_id", 0))
             write_jsonl(paths.eval / "samples" / method / f"{name}.jsonl", _jsonable(rows))
         endings = {k: v - before.get(k, 0) for k, v in getattr(lm, "endings", {}).items()}
         records[task] = {
