@@ -153,8 +153,26 @@ def run(function: str, ctx: Any) -> Any:
     _record_launch(
         {"processes": n, "launcher": "accelerate launch", "function": function, "command": " ".join(cmd)}
     )
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n))),
+    }
+    status, tail = _echo(cmd, env)
+    if status != 0 or not result.exists():
+        errors = [line for line in tail if _ERROR_LINE.match(line)]
+        cause = errors[-1].strip() if errors else (tail[-1] if tail else "no output")
+        raise PipelineError(
+            f"{function} under accelerate launch ({n} processes) exited with status {status}: "
+            f"{cause} (the processes' log is in the step's notebook)"
+        )
+    value = read_json(result)
+    result.unlink()
+    return value
+
+
+def _echo(cmd: list[str], env: dict[str, str]) -> tuple[int, deque[str]]:
+    """Run the launcher, printing its output into the notebook (the processes' log is the step's
+    record); its exit status and last lines."""
     tail: deque[str] = deque(maxlen=200)
     with subprocess.Popen(
         cmd,
@@ -165,19 +183,10 @@ def run(function: str, ctx: Any) -> Any:
         preexec_fn=_die_with_parent,  # a kernel killed outright takes the launcher with it
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:  # into the notebook: the ranks' own log is the step's record
+        for line in proc.stdout:
             print(line, end="", flush=True)
             tail.append(line.rstrip())
-    if proc.returncode != 0 or not result.exists():
-        errors = [line for line in tail if _ERROR_LINE.match(line)]
-        cause = errors[-1].strip() if errors else (tail[-1] if tail else "no output")
-        raise PipelineError(
-            f"{function} under accelerate launch ({n} processes) exited with status {proc.returncode}: "
-            f"{cause} (the processes' log is in the step's notebook)"
-        )
-    value = read_json(result)
-    result.unlink()
-    return value
+    return proc.returncode, tail
 
 
 def check_launch(cfg: Config, device: str) -> tuple[str, str | None]:
