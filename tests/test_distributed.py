@@ -127,6 +127,16 @@ def test_a_killed_two_process_step_01_leaves_nothing_running_and_reruns_without_
     _assert_same_as_one_process(run, one_process_01)
 
 
+def test_a_missing_accelerate_config_stops_the_step_with_one_line(tmp_path):
+    run = tmp_path / "run"
+    args = ["--profile", "smoke", "--run-dir", str(run), "--steps", "01", *TWO]
+    result = run_cli([*args, "--set", f"distributed.accelerate_config={tmp_path}/nope.yaml"])
+    assert result.returncode != 0
+    (line,) = [x for x in result.stderr.splitlines() if "nope.yaml" in x]
+    assert "01_generate_instructions" in line and "does not exist" in line
+    assert not (run / "data" / "instructions.jsonl").exists()
+
+
 def test_the_plan_splits_into_disjoint_shards_that_cover_every_request():
     sampling = SamplingConfig()
     requests = [Request(f"r{i}", [1] * (i % 5 + 1), sampling) for i in range(37)]

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import REPO_ROOT, Config
-from .errors import GenerationError, PipelineError
+from .errors import ConfigError, GenerationError, PipelineError
 from .store import JsonlAppender, read_json, read_jsonl, write_json
 from .watchdog import heartbeat_path
 
@@ -108,7 +108,13 @@ def launch_command(cfg: Config, function: str, args: Sequence[str]) -> list[str]
     d = cfg.distributed
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(d.num_processes)]
     if d.accelerate_config:
-        cmd += ["--config_file", str(resolve_accelerate_config(d.accelerate_config))]
+        path = resolve_accelerate_config(d.accelerate_config)
+        if not path.is_file():
+            raise ConfigError(
+                f"distributed.accelerate_config: {path} does not exist; name a file such as "
+                "configs/accelerate/ddp.yaml, or unset it for one machine"
+            )
+        cmd += ["--config_file", str(path)]
     else:  # one machine: torchrun's launcher, gloo on CPU, NCCL on GPUs; a free port per step
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         cmd += ["--main_process_port", str(_free_port())]
