@@ -23,7 +23,8 @@
 import pandas as pd
 
 from synthetic_instruction_tuner import magpie
-from synthetic_instruction_tuner.generation import load_engine
+from synthetic_instruction_tuner.distributed import run
+from synthetic_instruction_tuner.generation import load_generator_tokenizer
 from synthetic_instruction_tuner.steps import start_step
 from synthetic_instruction_tuner.store import read_jsonl
 
@@ -43,17 +44,15 @@ print(
 # Derived from the tokenizer's own chat template: everything before a user message's content.
 
 # %%
-engine = load_engine(ctx.cfg, ctx.device)
-print(repr(magpie.pre_query_text(engine.tokenizer, ctx.cfg.models.generator)))
+print(repr(magpie.pre_query_text(load_generator_tokenizer(ctx.cfg), ctx.cfg.models.generator)))
 
 # %% [markdown]
 # ## Sampling
-# Batched, seeded, watchdog-guarded; resumes from what is already on disk.
+# Batched, seeded, watchdog-guarded; resumes from what is already on disk. With
+# `distributed.num_processes` > 1, under `accelerate launch`: each process samples its share of the batches.
 
 # %%
-summary = magpie.generate_instructions(
-    engine, ctx.cfg, ctx.paths.file("instructions.jsonl"), ctx.paths.file("instructions_rejected.jsonl")
-)
+summary = run("magpie:instructions_step", ctx)
 summary
 
 # %% [markdown]

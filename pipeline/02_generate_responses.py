@@ -21,8 +21,7 @@
 # %%
 import pandas as pd
 
-from synthetic_instruction_tuner.generation import load_engine
-from synthetic_instruction_tuner.responses import generate_responses
+from synthetic_instruction_tuner.distributed import run
 from synthetic_instruction_tuner.steps import start_step
 from synthetic_instruction_tuner.store import read_jsonl
 
@@ -33,13 +32,10 @@ overrides = []  # extra settings, as run_all.py --set passes them
 
 # %%
 ctx = start_step(profile, run_dir, overrides)
-engine = load_engine(ctx.cfg, ctx.device)
 print(f"generator: {ctx.cfg.models.generator} on {ctx.device}; sampling: {ctx.cfg.responses.sampling}")
 
 # %%
-summary = generate_responses(
-    engine, ctx.cfg, ctx.paths.file("instructions.jsonl"), ctx.paths.file("responses.jsonl")
-)
+summary = run("responses:responses_step", ctx)
 summary
 
 # %% [markdown]

@@ -35,8 +35,7 @@
 import pandas as pd
 from IPython.display import display
 
-from synthetic_instruction_tuner.generation import load_engine
-from synthetic_instruction_tuner.preferences import build_preferences
+from synthetic_instruction_tuner.distributed import run
 from synthetic_instruction_tuner.steps import start_step
 from synthetic_instruction_tuner.store import read_jsonl
 
@@ -47,11 +46,10 @@ overrides = []  # extra settings, as run_all.py --set passes them
 
 # %%
 ctx = start_step(profile, run_dir, overrides)
-engine = load_engine(ctx.cfg, ctx.device)
 print(f"scorer: {ctx.cfg.preferences.scorer}; temperatures: {ctx.cfg.preferences.temperatures}")
 
 # %%
-summary = build_preferences(engine, ctx.cfg, ctx.paths, ctx.device)
+summary = run("preferences:preferences_step", ctx)
 summary
 
 # %% [markdown]

@@ -23,9 +23,9 @@
 # %%
 import pandas as pd
 
+from synthetic_instruction_tuner.distributed import run
 from synthetic_instruction_tuner.reporting import training_summary
 from synthetic_instruction_tuner.steps import start_step
-from synthetic_instruction_tuner.training import train_sft_lora
 
 # %% tags=["parameters"]
 profile = "cpu"  # hardware profile: smoke | cpu | t4 | a100 | h100
@@ -37,7 +37,7 @@ ctx = start_step(profile, run_dir, overrides)
 print(f"target: {ctx.cfg.models.target} on {ctx.device} ({ctx.cfg.hardware.dtype})")
 
 # %%
-metrics = train_sft_lora(ctx.cfg, ctx.paths, ctx.device)
+metrics = run("training:train_sft_lora", ctx)
 
 # %% [markdown]
 # ## Result

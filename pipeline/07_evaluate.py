@@ -28,7 +28,7 @@
 # %%
 import pandas as pd
 
-from synthetic_instruction_tuner.evaluation import run_evaluation
+from synthetic_instruction_tuner.distributed import run
 from synthetic_instruction_tuner.reporting import metrics_frame, paired_frames
 from synthetic_instruction_tuner.steps import start_step
 
@@ -42,7 +42,7 @@ ctx = start_step(profile, run_dir, overrides)
 print(f"mode: {ctx.cfg.evaluation.mode}; target: {ctx.cfg.models.target} on {ctx.device}")
 
 # %%
-summary = run_evaluation(ctx.cfg, ctx.paths, ctx.device)
+summary = run("evaluation:run_evaluation", ctx)
 
 # %% [markdown]
 # ## Every metric, with its 95% bootstrap interval

@@ -70,6 +70,7 @@ class EngineConfig:
     top_k_sampling: bool = True  # sample among top-k candidates instead of multinomial over the vocabulary
     static_cache_max_new_tokens: int = 128  # preallocated KV cache for generations up to this long (0: never)
     show_progress: bool = True
+    backend: Literal["transformers", "vllm"] = "transformers"  # vllm: its offline LLM.generate (GPU only)
 
 
 @dataclass
@@ -262,6 +263,13 @@ class WatchdogConfig:
 
 
 @dataclass
+class DistributedConfig:
+    num_processes: int = 1  # > 1: the heavy call of steps 01-07 runs under `accelerate launch`
+    accelerate_config: str | None = None  # an accelerate config file (FSDP, DeepSpeed, several machines)
+    vllm_tensor_parallel_size: int = 1  # engine.backend vllm: GPUs one vLLM engine spans
+
+
+@dataclass
 class Config:
     profile: str
     seed: int
@@ -280,6 +288,7 @@ class Config:
     evaluation: EvaluationConfig
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     sft_data: SftDataConfig = field(default_factory=SftDataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -488,6 +497,8 @@ def _check_consistency(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: hardware.dtype auto is for CPU training: set hardware.device: cpu")
     if cfg.engine.batch_size < 1:
         raise ConfigError(f"{source}: engine.batch_size must be at least 1")
+    if cfg.distributed.num_processes < 1:
+        raise ConfigError(f"{source}: distributed.num_processes must be at least 1")
     w = cfg.watchdog
     if w.stall_s <= 0 or w.startup_s <= 0:
         raise ConfigError(f"{source}: watchdog.stall_s and watchdog.startup_s must be positive seconds")

@@ -43,6 +43,7 @@ from typing import Any
 
 from .comparison import family_table, paired_table, prompt_echo_table
 from .config import Config
+from .distributed import enable_data_parallel, is_main_process
 from .errors import PipelineError
 from .metrics import aggregate, bootstrap_ci
 from .offline_tasks import BENCHMARKS, write_offline_tasks
@@ -198,7 +199,7 @@ def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
         model, tokenizer = load_teacher(cfg, device)
     else:
         model, tokenizer = load_for_generation(cfg, paths, method, device)
-    return _adapter_lm_class()(**lm_eval_args(cfg, model, tokenizer))
+    return enable_data_parallel(_adapter_lm_class()(**lm_eval_args(cfg, model, tokenizer)))
 
 
 def lm_eval_args(cfg: Config, model: Any, tokenizer: Any) -> dict[str, Any]:
@@ -340,8 +341,12 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed,
         )
+        if out is None:  # another process of a launched step: the first gathers and writes
+            continue
         samples = pooled_samples(task, out.pop("samples", {}))
         for name, rows in samples.items():
+            # in document order: processes of a launched step gather theirs interleaved
+            rows = sorted(rows, key=lambda row: row.get("doc_id", 0))
             write_jsonl(paths.eval / "samples" / method / f"{name}.jsonl", _jsonable(rows))
         endings = {k: v - before.get(k, 0) for k, v in getattr(lm, "endings", {}).items()}
         records[task] = {
@@ -352,6 +357,8 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             "generation_endings": endings if endings.get("generations") else None,
         }
         write_json(task_result_path(paths, method, task), records[task])  # last: the task is done
+    if not is_main_process():
+        return {}
     merged: dict[str, Any] = {}
     endings: dict[str, int] = {}
     for task, _ in _tasks(cfg):
@@ -409,6 +416,8 @@ def run_evaluation(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     eval/summary.json."""
     for method in METHODS:
         evaluate_method(cfg, paths, method, device)
+    if not is_main_process():
+        return {}
     summary = {
         "mode": cfg.evaluation.mode,
         "tasks": cfg.evaluation.local_tasks if cfg.evaluation.mode == "local" else cfg.evaluation.hub_tasks,

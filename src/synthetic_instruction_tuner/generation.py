@@ -135,6 +135,19 @@ def _chunks(items: list[Request], size: int) -> list[list[Request]]:
     return [items[i : i + even] for i in range(0, len(items), even)]
 
 
+def plan_batches(requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
+    """The batches the engine generates, in order: grouped by sampling settings, longest prompts
+    first (an out-of-memory error shows up on the first batch, not the last), balanced in size."""
+    groups: dict[tuple[Any, ...], list[Request]] = {}
+    for request in requests:
+        s = request.sampling
+        groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens), []).append(request)
+    batches: list[list[Request]] = []
+    for group in groups.values():
+        batches.extend(_chunks(sorted(group, key=lambda r: -len(r.prompt_ids)), batch_size))
+    return batches
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -159,6 +172,7 @@ class GenerationEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.planned_batch_size = batch_size  # never lowered: the batch plan processes share
         self.batch_timeout_s = batch_timeout_s
         self.top_k_sampling = top_k_sampling
         self.seed = seed
@@ -223,21 +237,20 @@ class GenerationEngine:
         return completions, output.shape[1] - width
 
     def stream(
-        self, requests: Sequence[Request], desc: str = "generating"
+        self, requests: Sequence[Request], desc: str = "generating", shard: tuple[int, int] = (0, 1)
     ) -> Iterator[list[tuple[Request, Completion]]]:
-        """Yield finished batches of (request, completion) as they complete."""
+        """Yield finished batches of (request, completion) as they complete.
+
+        `shard=(rank, world)`: generate only every world-th batch of the plan, starting at `rank`
+        (see `distributed.generate`); the same batches, with the same seeds, as one process would."""
         from tqdm import tqdm
 
-        groups: dict[tuple[Any, ...], list[Request]] = {}
-        for request in requests:
-            s = request.sampling
-            groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens), []).append(request)
-        queue: deque[list[Request]] = deque()
-        for group in groups.values():
-            # longest prompts first: an out-of-memory error shows up on the first batch, not the last
-            group = sorted(group, key=lambda r: -len(r.prompt_ids))
-            queue.extend(_chunks(group, self.batch_size))
-        bar = tqdm(total=len(requests), desc=desc, unit="seq", disable=not self.show_progress)
+        rank, world = shard
+        # every process plans at the batch size the engine started with, so they agree on the split
+        batches = plan_batches(requests, self.batch_size if world == 1 else self.planned_batch_size)
+        queue = deque(b for i, b in enumerate(batches) if i % world == rank)
+        total = sum(len(b) for b in queue)
+        bar = tqdm(total=total, desc=desc, unit="seq", disable=not self.show_progress)
         started = time.monotonic()
         done = 0
         try:
@@ -252,7 +265,7 @@ class GenerationEngine:
                     "batch_setting": "engine.batch_size",
                     "batch_size": self.batch_size,
                 }
-                doing = f"{desc}: a batch of {len(batch)} ({done} of {len(requests)} done)"
+                doing = f"{desc}: a batch of {len(batch)} ({done} of {total} done)"
                 # the first batch may compile kernels and size caches: it gets the startup allowance
                 beat(doing, loading=not self.stats.batches, force=True, **progress)
                 try:
@@ -293,7 +306,7 @@ class GenerationEngine:
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}", bs=self.batch_size)
                 done += len(batch)
-                beat(f"{desc}: {done} of {len(requests)} done", force=True, **progress)
+                beat(f"{desc}: {done} of {total} done", force=True, **progress)
                 yield list(zip(batch, completions, strict=True))
         finally:
             bar.close()
@@ -348,10 +361,22 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(probe) and probe[0] == bos
 
 
-def load_engine(cfg: Any, device: str) -> GenerationEngine:
-    """The profile's generator, in its generation precision, behind a batched engine."""
+def load_generator_tokenizer(cfg: Any) -> Any:
+    """The generator's tokenizer alone (what a step shows before its processes load the model)."""
+    from .models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(cfg.models.generator).path)
+
+
+def load_engine(cfg: Any, device: str) -> Any:
+    """The profile's generator, in its generation precision, behind a batched engine: this module's
+    (`engine.backend: transformers`) or vLLM's offline engine (`engine.backend: vllm`)."""
     from .models import load_causal_lm, load_tokenizer, resolve_model
 
+    if cfg.engine.backend == "vllm":
+        from .vllm_engine import load_vllm_engine
+
+        return load_vllm_engine(cfg, device)
     resolved = resolve_model(cfg.models.generator)
     tokenizer = load_tokenizer(resolved.path)
     model = load_causal_lm(resolved.path, cfg.hardware.generation_dtype, device, cfg.hardware.load_in_4bit)

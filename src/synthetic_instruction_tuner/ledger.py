@@ -9,6 +9,7 @@ per-process GPU accounting (nvidia-smi's process list) is empty inside container
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -132,9 +133,12 @@ def step_row(
     device: str,
     units_per_hour: float,
     peak_gpu_mb: float = 0.0,
+    launch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`peak_gpu_mb`: the kernel's own peak (its heartbeat's), 0 on a CPU."""
+    """`peak_gpu_mb`: the kernel's own peak (its heartbeat's), 0 on a CPU. `launch`: how the step's
+    heavy call ran (`launch_record`); a step without one ran in its kernel, in one process."""
     seconds = ended - started
+    launch = launch or {}
     return {
         "run_id": run_id,
         "step": step,
@@ -147,9 +151,23 @@ def step_row(
         "peak_gpu_mb": round(peak_gpu_mb, 1),
         "peak_gpu_device_mb": round(monitor.peak_gpu_device_mb, 1),
         "device": device,
+        "processes": launch.get("processes", 1),
+        "launcher": launch.get("launcher", "kernel"),
+        **({"launch_command": launch["command"]} if "command" in launch else {}),
         "compute_units_per_hour": units_per_hour,
         "compute_units": round(seconds / 3600 * units_per_hour, 4),
     }
+
+
+def launch_record(heartbeat: Path, since: float) -> dict[str, Any] | None:
+    """What `distributed.run` recorded beside the step's heartbeat during the attempt that began at
+    `since` (processes, launcher, command), or None."""
+    path = heartbeat.with_name(heartbeat.stem + ".launch.json")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("time", 0) >= since else None
 
 
 def read_ledger(path: str | Path) -> list[dict[str, Any]]:

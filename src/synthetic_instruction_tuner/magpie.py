@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .config import Config
+from .distributed import clear_shards, generate, output, shard_dir
 from .errors import ChatTemplateError, GenerationError
 from .generation import Completion, GenerationEngine, Request, encode_rendered
-from .store import JsonlAppender, check_resumable
+from .store import JsonlAppender, RunPaths, check_resumable
 
 SENTINEL = "\u2063MAGPIE-SENTINEL\u2063"
 
@@ -237,14 +238,28 @@ def generate_instructions(
     is refused before either file is opened.
     """
     prompt = pre_query_ids(engine.tokenizer, cfg.models.generator)
+    settings = {"generator": cfg.models.generator, "sampling": asdict(cfg.magpie.sampling)}
+    shards = shard_dir(out_path, settings)
     with (
-        JsonlAppender(out_path, required=("instruction", "sample")) as accepted,
-        JsonlAppender(rejected_path, required=("sample", "reason")) as rejected,
+        output(out_path, required=("instruction", "sample")) as accepted,
+        output(rejected_path, required=("sample", "reason")) as rejected,
     ):
-        check_resumable(
-            accepted, {"generator": cfg.models.generator, "sampling": asdict(cfg.magpie.sampling)}
-        )
-        return _generate(engine, cfg, prompt, accepted, rejected)
+        check_resumable(accepted, settings)
+        summary = _generate(engine, cfg, prompt, accepted, rejected, shards)
+    clear_shards(shards)
+    return summary
+
+
+def instructions_step(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    """Step 01 in one process of the step (see `distributed.run`): load the generator, sample."""
+    from .generation import load_engine
+
+    return generate_instructions(
+        load_engine(cfg, device),
+        cfg,
+        paths.file("instructions.jsonl"),
+        paths.file("instructions_rejected.jsonl"),
+    )
 
 
 def _generate(
@@ -253,6 +268,7 @@ def _generate(
     prompt: list[int],
     accepted: JsonlAppender,
     rejected: JsonlAppender,
+    shards: Path,
 ) -> dict[str, Any]:
     wanted = cfg.counts.instructions
     m = cfg.magpie
@@ -310,7 +326,7 @@ def _generate(
             for i in range(next_index, next_index + size)
         ]
         next_index += size
-        for finished in engine.stream(requests, desc="instructions"):
+        for finished in generate(engine, requests, shards, desc="instructions"):
             handle(finished)
             if len(accepted) >= wanted:
                 break

@@ -29,7 +29,14 @@ from .console import Console, StepLog, duration, log_path, notebook_title, setup
 from .errors import PipelineError
 from .fingerprints import clear_state, write_state
 from .kernels import forget_kernels, kernel_manager_class, kernels_die_with_run, kill_kernels
-from .ledger import ResourceMonitor, append_row, device_description, new_run_id, step_row
+from .ledger import (
+    ResourceMonitor,
+    append_row,
+    device_description,
+    launch_record,
+    new_run_id,
+    step_row,
+)
 from .steps import PIPELINE, Step, default_run_dir, existing_steps, pipeline_status, step_status
 from .store import JsonlAppender, RunPaths, atomic_write_text, run_paths
 from .watchdog import HEARTBEAT_ENV, STEP_ENV, HeartbeatWatch, Stall
@@ -225,6 +232,7 @@ def run_step(
             context["device"],
             context["units_per_hour"],
             peak_gpu_mb=float(last.get("peak_gpu_mb") or 0.0),
+            launch=launch_record(heartbeat, started),
         )
         row.update(attempt=attempt, longest_quiet_s=round(watch.longest_quiet_s, 1))
         if stall is None:

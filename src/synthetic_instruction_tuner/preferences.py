@@ -30,6 +30,7 @@ from . import backtranslation as bt
 from . import constraints as ic
 from . import format_edits as fe
 from .config import Config, SamplingConfig
+from .distributed import clear_shards, generate, is_main_process, output, shard_dir
 from .errors import PipelineError
 from .generation import Completion, GenerationEngine, Request, chat_prompt_ids
 from .responses import generation_messages, user_turn
@@ -265,7 +266,9 @@ def _sample(
         "system_prompt": cfg.responses.system_prompt,
         "sampling": {"top_p": p.top_p, "top_k": p.top_k, "max_new_tokens": p.max_new_tokens},
     }
-    with JsonlAppender(paths.file("preference_samples.jsonl"), required=("prompt_id", "response")) as samples:
+    out_path = paths.file("preference_samples.jsonl")
+    shards = shard_dir(out_path, settings)
+    with output(out_path, required=("prompt_id", "response")) as samples:
         check_resumable(samples, settings)
         sweep = sweep_requests(prompts, cfg, engine.tokenizer)
         requests = [r for r in sweep if r.id not in samples]
@@ -285,9 +288,12 @@ def _sample(
                 for request, completion in batch
             )
 
-        engine.run(requests, append, desc="preference sweep")
+        for batch in generate(engine, requests, shards, desc="preference sweep"):
+            append(batch)
         wanted = {r.id for r in sweep}
-        return [s for s in samples.records if s["id"] in wanted]
+        all_samples = [s for s in samples.records if s["id"] in wanted]
+    clear_shards(shards)
+    return all_samples
 
 
 def _score(
@@ -528,11 +534,14 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
     p = cfg.preferences
     sft = read_jsonl(paths.file("sft.jsonl"), required=("id", "instruction", "response"))
     heldout, rest = split_heldout(sft, cfg.counts.heldout_prompts, cfg.seed)
-    write_jsonl(paths.file("heldout.jsonl"), heldout_records(heldout, cfg))
+    if is_main_process():
+        write_jsonl(paths.file("heldout.jsonl"), heldout_records(heldout, cfg))
 
     prompts = _sweep_prompts(rest, cfg)
     by_prompt = {pr["id"]: pr for pr in prompts}
     all_samples = _sample(engine, prompts, cfg, paths)
+    if not is_main_process():
+        return {}  # the other processes share the sweep; scoring and selection are the first's
     grouped = _score(all_samples, by_prompt, cfg, paths, device)
     pairs, skipped = _pairs(grouped, by_prompt, cfg)
     write_jsonl(paths.file("preferences.jsonl"), pairs)
@@ -569,3 +578,10 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
     }
     write_json(paths.file("preferences_summary.json"), summary)
     return summary
+
+
+def preferences_step(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    """Step 04 in one process of the step (see `distributed.run`): load the generator, build."""
+    from .generation import load_engine
+
+    return build_preferences(load_engine(cfg, device), cfg, paths, device)

@@ -427,10 +427,17 @@ class Preflight:
             row.status = f"FAIL: {problem}"
         return row
 
+    def distributed_row(self) -> Row:
+        from .distributed import check_launch
+
+        built, problem = check_launch(self.cfg, run_device(self.cfg))
+        return Row("", built, status=f"FAIL: {problem}" if problem else "ok")
+
     def check(self) -> list[Row]:
         c = self.cfg
         self.add("packages", self.packages)
         self.add("device", self.device_row)
+        self.add("distributed", self.distributed_row)
         self.add("model generator", lambda: self.model_row("generator", c.models.generator))
         self.add("model target", lambda: self.model_row("target", c.models.target))
         scorer_needs_model = c.preferences.scorer in ("reward_model", "both") and c.models.reward_model

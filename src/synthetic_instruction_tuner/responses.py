@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .distributed import clear_shards, generate, output, shard_dir
 from .generation import Completion, GenerationEngine, Request, chat_prompt_ids
-from .store import JsonlAppender, check_resumable, read_jsonl
+from .store import RunPaths, check_resumable, read_jsonl
 
 
 def user_turn(text: str) -> list[dict[str, str]]:
@@ -32,7 +33,8 @@ def generate_responses(
         "sampling": asdict(sampling),
         "system_prompt": cfg.responses.system_prompt,
     }
-    with JsonlAppender(out_path, required=("instruction", "response")) as out:
+    shards = shard_dir(out_path, settings)
+    with output(out_path, required=("instruction", "response")) as out:
         check_resumable(out, settings)
         todo = [r for r in instructions if r["id"] not in out]
         requests = [
@@ -61,8 +63,10 @@ def generate_responses(
                 for request, completion in batch
             )
 
-        engine.run(requests, append, desc="responses")
+        for batch in generate(engine, requests, shards, desc="responses"):
+            append(batch)
         finished = [r["finish_reason"] for r in out.records]
+    clear_shards(shards)
     return {
         "instructions": len(instructions),
         "responses": len(finished),
@@ -71,3 +75,12 @@ def generate_responses(
         "cut_at_length_limit": finished.count("length"),
         "tokens_per_second": round(engine.stats.tokens_per_second, 1),
     }
+
+
+def responses_step(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
+    """Step 02 in one process of the step (see `distributed.run`): load the generator, answer."""
+    from .generation import load_engine
+
+    return generate_responses(
+        load_engine(cfg, device), cfg, paths.file("instructions.jsonl"), paths.file("responses.jsonl")
+    )

@@ -266,6 +266,8 @@ class StepContext:
     cfg: Config
     paths: RunPaths
     device: str
+    profile: str = "cpu"  # as the step was given them: what its launched processes are given
+    overrides: tuple[str, ...] = ()
 
 
 def default_run_dir(profile: str) -> Path:
@@ -293,4 +295,5 @@ def start_step(
     random.seed(cfg.seed)
     set_seed(cfg.seed)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return StepContext(cfg=cfg, paths=paths, device=resolve_device(cfg.hardware.device))
+    device = resolve_device(cfg.hardware.device)
+    return StepContext(cfg=cfg, paths=paths, device=device, profile=profile, overrides=tuple(overrides))

@@ -26,6 +26,7 @@ from typing import Any
 
 from .config import Config
 from .console import text_progress
+from .distributed import is_main_process, per_process_batch, world_size
 from .errors import PipelineError
 from .models import (
     device_map,
@@ -203,6 +204,10 @@ def _precision(cfg: Config, device: str) -> dict[str, Any]:
 
 
 def _common_args(output_dir: Path, cfg: Config, device: str, section: Any) -> dict[str, Any]:
+    # the recipe's batch is the global one: several processes split it (DDP, FSDP, DeepSpeed)
+    per_device, accumulation = per_process_batch(
+        section.per_device_train_batch_size, section.gradient_accumulation_steps, world_size()
+    )
     return {
         "output_dir": str(output_dir / "checkpoints"),
         "num_train_epochs": section.num_train_epochs,
@@ -210,8 +215,8 @@ def _common_args(output_dir: Path, cfg: Config, device: str, section: Any) -> di
         "learning_rate": section.learning_rate,
         "warmup_steps": section.warmup_ratio,  # a float below 1 is a ratio of the total steps
         "lr_scheduler_type": section.lr_scheduler_type,
-        "per_device_train_batch_size": section.per_device_train_batch_size,
-        "gradient_accumulation_steps": section.gradient_accumulation_steps,
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": accumulation,
         "seed": cfg.seed,
         "data_seed": cfg.seed,
         "report_to": "none",
@@ -394,8 +399,9 @@ def _final_eval(trainer: Any) -> dict[str, float]:
 
 
 def _save(trainer: Any, output_dir: Path, tokenizer: Any) -> None:
-    trainer.model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    if is_main_process():
+        trainer.model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
 
 
 def _metrics(
@@ -459,11 +465,13 @@ def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> d
     text_progress(trainer)
     resume = last_checkpoint(output_dir)
     base_file = output_dir / "base_eval.json"
-    if not base_file.exists():
+    # every process decides before the first evaluation's collective, so none skips it
+    base_eval = json.loads(base_file.read_text()) if base_file.exists() else None
+    if base_eval is None:
         # before any update the LoRA adapter is the identity, so this is the untrained base's loss
         base_eval = trainer.evaluate() if not is_pt else {}
-        write_json(base_file, base_eval)
-    base_eval = json.loads(base_file.read_text())
+        if is_main_process():
+            write_json(base_file, base_eval)
     train_output = trainer.train(resume_from_checkpoint=resume)
     final_eval = _final_eval(trainer)
     _save(trainer, output_dir, tokenizer)
@@ -473,10 +481,13 @@ def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> d
         "base_eval_loss": base_eval.get("eval_loss"),
         "learning_rate": trainer.args.learning_rate,
         "effective_batch_size": trainer.args.per_device_train_batch_size
-        * trainer.args.gradient_accumulation_steps,
+        * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
+        "processes": trainer.args.world_size,
     }
     metrics = _metrics(method, trainer, train_output, final_eval, started, resume, device, cfg, extra)
-    write_json(output_dir / "metrics.json", metrics)  # last: marks the step complete
+    if is_main_process():
+        write_json(output_dir / "metrics.json", metrics)  # last: marks the step complete
     return metrics
 
 
@@ -540,8 +551,9 @@ def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     resume = last_checkpoint(output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate()
-    model.save_pretrained(output_dir, selected_adapters=["default"])
-    tokenizer.save_pretrained(output_dir)
+    if is_main_process():
+        model.save_pretrained(output_dir, selected_adapters=["default"])
+        tokenizer.save_pretrained(output_dir)
     extra = {
         "train_pairs": len(train),
         "eval_pairs": len(evaluation),
@@ -550,10 +562,13 @@ def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
         "eval_reward_margin": final_eval.get("eval_rewards/margins"),
         "learning_rate": trainer.args.learning_rate,
         "effective_batch_size": trainer.args.per_device_train_batch_size
-        * trainer.args.gradient_accumulation_steps,
+        * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
+        "processes": trainer.args.world_size,
     }
     metrics = _metrics("dpo", trainer, train_output, final_eval, started, resume, device, cfg, extra)
-    write_json(output_dir / "metrics.json", metrics)
+    if is_main_process():
+        write_json(output_dir / "metrics.json", metrics)
     return metrics
 
 
