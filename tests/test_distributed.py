@@ -73,7 +73,7 @@ def test_step_01_on_two_processes_writes_what_one_process_writes(tmp_path, one_p
     assert "--num_processes 2" in row["launch_command"]
     notebook = (run / "notebooks" / "01_generate_instructions.ipynb").read_text()
     assert "accelerate launch: magpie:instructions_step on 2 processes (gloo on CPU)" in notebook
-    assert "run_all: 01_generate_instructions: done" in result.stdout
+    assert "run_all: 01_generate_instructions: ok in" in result.stdout
 
 
 def test_a_hung_rank_is_killed_by_the_watchdog_and_the_step_resumes_from_the_shards(tmp_path):

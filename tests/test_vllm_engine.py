@@ -54,7 +54,8 @@ def test_vllm_generates_the_engines_sample_contract_on_a_gpu():
 
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a CUDA GPU")
-    from synthetic_instruction_tuner.generation import Request, load_engine
+    from synthetic_instruction_tuner.engines import load_engine
+    from synthetic_instruction_tuner.generation import Request
     from synthetic_instruction_tuner.magpie import pre_query_ids
 
     cfg = load_config("smoke", ["hardware.device=cuda", "engine.backend=vllm"])

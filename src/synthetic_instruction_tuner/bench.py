@@ -29,7 +29,8 @@ def bench_generation(profile: str, overrides: list[str], num_outputs: int | None
     import torch
     from tqdm import tqdm
 
-    from .generation import Request, load_engine
+    from .engines import load_engine
+    from .generation import Request
     from .magpie import pre_query_ids
     from .models import resolve_device
 

@@ -51,7 +51,7 @@ from .store import JsonlAppender, read_json, read_jsonl, write_json
 from .watchdog import heartbeat_path
 
 PACKAGE = __package__ or "synthetic_instruction_tuner"
-# the step functions that load the generator through `generation.load_engine`
+# the step functions that load the generator through `engines.load_engine`
 GENERATOR_STEPS = ("magpie:instructions_step", "responses:responses_step", "preferences:preferences_step")
 
 
@@ -136,14 +136,31 @@ def _call(function: str) -> Any:
 _ERROR_LINE = re.compile(r"^\s*(\w+\.)*\w*(Error|Exception|Interrupt)\b.*")
 
 
+def check_vllm(device: str, processes: int = 1) -> None:
+    """One line, before anything loads, where `engine.backend: vllm` cannot run here."""
+    if processes > 1:
+        raise ConfigError(
+            "engine.backend is vllm with distributed.num_processes > 1: vLLM spans GPUs itself "
+            "(distributed.vllm_tensor_parallel_size); run steps 01, 02 and 04 with distributed.num_processes=1"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "engine.backend is vllm but vllm is not installed: pip install vllm on a CUDA machine, "
+            "or --set engine.backend=transformers"
+        )
+    if device != "cuda":
+        raise ConfigError(
+            f"engine.backend is vllm but the device is {device}: vLLM needs a CUDA GPU; "
+            "use a GPU profile, or --set engine.backend=transformers"
+        )
+
+
 def run(function: str, ctx: Any) -> Any:
     """Run the package function `module:name(cfg, paths, device)` for this step: in the kernel with
     one process, under `accelerate launch` with `distributed.num_processes` of them."""
     cfg: Config = ctx.cfg
     n = cfg.distributed.num_processes
     if cfg.engine.backend == "vllm" and function in GENERATOR_STEPS:
-        from .vllm_engine import check_vllm
-
         check_vllm(ctx.device, n)  # before any process starts
     if n == 1:
         _record_launch({"processes": 1, "launcher": "kernel", "function": function})
@@ -204,8 +221,6 @@ def check_launch(cfg: Config, device: str) -> tuple[str, str | None]:
     )
     problem = None
     if cfg.engine.backend == "vllm":
-        from .vllm_engine import check_vllm
-
         built += f"; generation through vLLM (tensor parallel {d.vllm_tensor_parallel_size})"
         try:
             check_vllm(device, d.num_processes)

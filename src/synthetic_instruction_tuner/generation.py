@@ -368,15 +368,10 @@ def load_generator_tokenizer(cfg: Any) -> Any:
     return load_tokenizer(resolve_model(cfg.models.generator).path)
 
 
-def load_engine(cfg: Any, device: str) -> Any:
-    """The profile's generator, in its generation precision, behind a batched engine: this module's
-    (`engine.backend: transformers`) or vLLM's offline engine (`engine.backend: vllm`)."""
+def load_transformers_engine(cfg: Any, device: str) -> GenerationEngine:
+    """The profile's generator, in its generation precision, behind this module's batched engine."""
     from .models import load_causal_lm, load_tokenizer, resolve_model
 
-    if cfg.engine.backend == "vllm":
-        from .vllm_engine import load_vllm_engine
-
-        return load_vllm_engine(cfg, device)
     resolved = resolve_model(cfg.models.generator)
     tokenizer = load_tokenizer(resolved.path)
     model = load_causal_lm(resolved.path, cfg.hardware.generation_dtype, device, cfg.hardware.load_in_4bit)

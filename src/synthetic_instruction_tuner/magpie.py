@@ -252,7 +252,7 @@ def generate_instructions(
 
 def instructions_step(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     """Step 01 in one process of the step (see `distributed.run`): load the generator, sample."""
-    from .generation import load_engine
+    from .engines import load_engine
 
     return generate_instructions(
         load_engine(cfg, device),

@@ -582,6 +582,6 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
 
 def preferences_step(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     """Step 04 in one process of the step (see `distributed.run`): load the generator, build."""
-    from .generation import load_engine
+    from .engines import load_engine
 
     return build_preferences(load_engine(cfg, device), cfg, paths, device)

@@ -79,7 +79,7 @@ def generate_responses(
 
 def responses_step(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     """Step 02 in one process of the step (see `distributed.run`): load the generator, answer."""
-    from .generation import load_engine
+    from .engines import load_engine
 
     return generate_responses(
         load_engine(cfg, device), cfg, paths.file("instructions.jsonl"), paths.file("responses.jsonl")

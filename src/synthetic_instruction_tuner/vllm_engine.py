@@ -8,41 +8,20 @@ attention); `engine.batch_size` only sets how often a batch is appended to disk 
 written. vLLM spreads one engine over several GPUs itself (`distributed.vllm_tensor_parallel_size`),
 so generation with this backend runs in one process.
 
-vLLM needs CUDA: `check_vllm` stops a step before its processes start, with one line, where vllm is
+vLLM needs CUDA: `distributed.check_vllm` stops a step before its processes start, with one line, where vllm is
 not installed, no GPU is visible, or the step would run in several processes.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .config import Config, SamplingConfig
-from .distributed import world_size
-from .errors import ConfigError
+from .distributed import check_vllm, world_size
 from .generation import Completion, EngineStats, Request, batch_seed, plan_batches, stop_token_ids
 from .watchdog import beat
-
-
-def check_vllm(device: str, processes: int = 1) -> None:
-    """One line, before anything loads, where `engine.backend: vllm` cannot run here."""
-    if processes > 1:
-        raise ConfigError(
-            "engine.backend is vllm with distributed.num_processes > 1: vLLM spans GPUs itself "
-            "(distributed.vllm_tensor_parallel_size); run steps 01, 02 and 04 with distributed.num_processes=1"
-        )
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(
-            "engine.backend is vllm but vllm is not installed: pip install vllm on a CUDA machine, "
-            "or --set engine.backend=transformers"
-        )
-    if device != "cuda":
-        raise ConfigError(
-            f"engine.backend is vllm but the device is {device}: vLLM needs a CUDA GPU; "
-            "use a GPU profile, or --set engine.backend=transformers"
-        )
 
 
 def sampling_params(sampling: SamplingConfig, seed: int, stop_ids: Sequence[int]) -> Any:
