@@ -152,3 +152,16 @@ def test_sft_evaluates_at_its_own_interval_or_at_every_checkpoint(tmp_path):
     assert (args.save_steps, args.eval_steps) == (2, 2)
     cpu = load_config("cpu").sft
     assert cpu.eval_steps == cpu.max_steps  # the cpu profile evaluates once, at the end
+
+
+def test_each_process_of_a_launched_evaluation_gets_a_document_of_every_task():
+    """lm-eval's data-parallel mode fails in a process whose share of a subtask is empty."""
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu", ["distributed.num_processes=2"])
+    assert str(err.value).endswith(
+        "configs/profiles/cpu.yaml: evaluation.mmlu_docs_per_subject is 1 but "
+        "distributed.num_processes is 2: lm-eval's data-parallel mode needs at least one document per "
+        "process in every task; set evaluation.mmlu_docs_per_subject=2 or more"
+    )
+    assert load_config("cpu", ["distributed.num_processes=2", "evaluation.mmlu_docs_per_subject=2"])
+    assert load_config("smoke", ["distributed.num_processes=2"]).evaluation.mmlu_docs_per_subject == 2

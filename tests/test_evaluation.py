@@ -10,8 +10,9 @@ from synthetic_instruction_tuner.metrics import aggregate, bootstrap_ci
 from synthetic_instruction_tuner.store import read_jsonl
 
 LOCAL_TASKS = ("sit_ifbench", "sit_heldout_ifeval", "sit_heldout_ppl", "ifeval", "mmlu", "truthfulqa_mc2")
-# documents per task on the smoke profile: evaluation.limit 4, MMLU one question in each of 57 subjects
-DOCS = {task: 57 if task == "mmlu" else 4 for task in LOCAL_TASKS}
+# documents per task on the smoke profile: evaluation.limit 4, MMLU two questions in each of 57 subjects
+MMLU_DOCS = 57 * 2
+DOCS = {task: MMLU_DOCS if task == "mmlu" else 4 for task in LOCAL_TASKS}
 BINARY = {"prompt_level_strict_acc", "prompt_level_loose_acc", ("mmlu", "acc")}  # 0/1 per document
 
 
@@ -91,7 +92,7 @@ def test_summary_has_every_metric_with_an_interval(smoke_run):
     assert summary["mode"] == "local" and set(summary["metrics"]) == set(METHODS)
     for tasks in summary["metrics"].values():
         assert set(tasks) == set(LOCAL_TASKS)
-        assert tasks["mmlu"]["acc"]["n"] == 57 and 0 <= tasks["truthfulqa_mc2"]["acc"]["value"] <= 1
+        assert tasks["mmlu"]["acc"]["n"] == MMLU_DOCS and 0 <= tasks["truthfulqa_mc2"]["acc"]["value"] <= 1
         ppl = tasks["sit_heldout_ppl"]["bits_per_byte"]
         assert ppl["value"] > 0 and ppl["ci_low"] <= ppl["value"] <= ppl["ci_high"] and ppl["n"] == 4
         for task in ("sit_ifbench", "sit_heldout_ifeval", "ifeval"):
@@ -280,6 +281,6 @@ def test_report_leads_with_the_seed_benchmarks_and_the_alignment_tax(smoke_run):
     (tax,) = [t for t in tables if "change against base" in t.columns]
     assert len(tax) == 6 and set(tax["benchmark"]) == {"MMLU (5-shot)", "TruthfulQA MC2"}
     assert set(tax[tax["benchmark"] == "TruthfulQA MC2"]["exact McNemar p"]) == {"does not apply"}
-    assert (tax[tax["benchmark"] == "MMLU (5-shot)"]["questions"] == 57).all()
+    assert (tax[tax["benchmark"] == "MMLU (5-shot)"]["questions"] == MMLU_DOCS).all()
     (echo,) = [t for t in tables if "open by repeating the prompt" in t.columns]
     assert len(echo) == 3 * len(METHODS) and (echo["answers"] == 4).all()

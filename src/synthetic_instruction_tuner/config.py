@@ -499,8 +499,24 @@ def _check_consistency(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: engine.batch_size must be at least 1")
     if cfg.distributed.num_processes < 1:
         raise ConfigError(f"{source}: distributed.num_processes must be at least 1")
+    _check_documents_per_process(cfg, source)
     w = cfg.watchdog
     if w.stall_s <= 0 or w.startup_s <= 0:
         raise ConfigError(f"{source}: watchdog.stall_s and watchdog.startup_s must be positive seconds")
     if w.max_restarts < 0:
         raise ConfigError(f"{source}: watchdog.max_restarts must be 0 or more")
+
+
+def _check_documents_per_process(cfg: Config, source: str) -> None:
+    """lm-eval's data-parallel mode gives each process a share of every task's documents and fails in
+    a process whose share is empty, so each (sub)task needs at least one document per process."""
+    n, e = cfg.distributed.num_processes, cfg.evaluation
+    sizes = {"evaluation.limit": e.limit}
+    if e.mode == "local" and "mmlu" in e.local_tasks:
+        sizes["evaluation.mmlu_docs_per_subject"] = e.mmlu_docs_per_subject
+    for key, size in sizes.items():
+        if size and 0 < size < n:
+            raise ConfigError(
+                f"{source}: {key} is {size} but distributed.num_processes is {n}: lm-eval's data-parallel "
+                f"mode needs at least one document per process in every task; set {key}={n} or more"
+            )
