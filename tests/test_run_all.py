@@ -41,7 +41,7 @@ def test_step_01_writes_sanitised_distinct_instructions_and_a_ledger_row(tmp_pat
         "run_all: 01_generate_instructions: running (pipeline/01_generate_instructions.py; outputs missing)"
         " — Magpie instructions"
     )
-    assert re.fullmatch(r"run_all: 01_generate_instructions: ok in [\d.]+ s", lines[2])
+    assert re.fullmatch(r"run_all: 01_generate_instructions: ok in [\d.]+ s( \([\d.]+ min\))?", lines[2])
     assert len(lines) == 4 and lines[3].startswith("run_all: finished in ")
     log = (run / "logs" / "01_generate_instructions.log").read_text()
     assert "Executing Cell 1" in log and "generator: tiny:chat-lm" in log
@@ -254,7 +254,13 @@ def test_a_full_run_prints_a_line_per_step_and_logs_the_rest(smoke_run):
     lines = console.splitlines()
     for step in PIPELINE:
         assert sum(line.startswith(f"run_all: {step.name}: running (") for line in lines) == 1, step.name
-        assert sum(bool(re.fullmatch(rf"run_all: {step.name}: ok in [\d.]+ s", line)) for line in lines) == 1
+        assert (
+            sum(
+                bool(re.fullmatch(rf"run_all: {step.name}: ok in [\d.]+ s( \([\d.]+ min\))?", line))
+                for line in lines
+            )
+            == 1
+        )
         log = (run / "logs" / f"{step.name}.log").read_text()
         assert "Executing Cell 1" in log and "Ending Cell" in log
     for page in ("compute_costs", "method_comparison"):
