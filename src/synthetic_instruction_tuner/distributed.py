@@ -26,6 +26,7 @@ group; the launcher dies with it and its processes follow (`PR_SET_PDEATHSIG`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import importlib
 import importlib.util
@@ -404,6 +405,8 @@ def clear_shards(shards: Path) -> None:
         barrier()
         if is_main_process():
             shutil.rmtree(shards, ignore_errors=True)
+            with contextlib.suppress(OSError):  # data/shards/ itself, once no step's shards are left
+                shards.parent.rmdir()
 
 
 def enable_data_parallel(lm: Any) -> Any:
