@@ -68,3 +68,61 @@ def test_vllm_generates_the_engines_sample_contract_on_a_gpu():
     assert all(c.finish_reason in ("stop", "length") for _, c in done)
     assert all(len(c.token_ids) <= cfg.magpie.sampling.max_new_tokens for _, c in done)
     assert not any(set(c.token_ids) & set(engine.stop_ids) for _, c in done)
+
+
+def test_vllm_evaluation_without_vllm_or_a_gpu_stops_step_07_with_one_line(tmp_path):
+    run = tmp_path / "run"
+    args = ["--profile", "smoke", "--run-dir", str(run), "--steps", "07", "--set", "evaluation.backend=vllm"]
+    args += ["--set", "distributed.num_processes=2"]  # vLLM runs the step in one process regardless
+    result = run_cli(args)
+    assert result.returncode != 0
+    why = "vllm is not installed" if not HAS_VLLM else "vLLM needs a CUDA GPU"
+    (line,) = [x for x in result.stderr.splitlines() if "evaluation.backend is vllm" in x]
+    assert why in line and "--set evaluation.backend=hf" in line
+    assert not (run / "eval" / "summary.json").exists()
+    assert [(r["status"], r["processes"]) for r in read_jsonl(run / "ledger.jsonl")] == [("failed", 1)]
+
+
+def test_lm_eval_vllm_arguments_are_lm_evals_own_and_prompt_tuning_stays_on_hf(tmp_path):
+    from synthetic_instruction_tuner.evaluation import METHODS, lm_eval_model_type
+    from synthetic_instruction_tuner.store import run_paths
+    from synthetic_instruction_tuner.vllm_eval import (
+        base_tokenizer_dir,
+        lm_eval_vllm_args,
+        vllm_args_problem,
+        vllm_init_parameters,
+    )
+
+    cfg = load_config("smoke", ["evaluation.backend=vllm", "hardware.load_in_4bit=true"])
+    paths = run_paths(tmp_path / "run")
+    assert {m: lm_eval_model_type(cfg, m) for m in METHODS} == {
+        "base": "vllm",
+        "sft_lora": "vllm",
+        "prompt_tuning": "hf",
+        "dpo": "vllm",
+        "teacher": "vllm",
+    }
+    assert lm_eval_model_type(load_config("smoke", []), "base") == "hf"
+    # read from lm-eval's source without importing vllm
+    assert {
+        "pretrained",
+        "lora_local_path",
+        "max_lora_rank",
+        "tensor_parallel_size",
+    } <= vllm_init_parameters()
+    base = str(base_tokenizer_dir(cfg, paths))
+    for method, tokenizer in (("base", base), ("dpo", str(paths.adapters / "dpo")), ("teacher", None)):
+        args = lm_eval_vllm_args(cfg, paths, method, "/models/x", tokenizer)
+        assert vllm_args_problem(args) is None, (method, args)
+        assert args["quantization"] == "bitsandbytes" and args["tokenizer"] == tokenizer
+        assert args.get("lora_local_path") == (str(paths.adapters / "dpo") if method == "dpo" else None)
+    assert (
+        vllm_args_problem({"pretrained": "x", "lora_path": "y"})
+        == "lm-eval's VLLM takes no argument 'lora_path'"
+    )
+    # the base model is prompted in the students' chat format, which the saved tokenizer carries
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(base)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    assert "Name a colour." in saved.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

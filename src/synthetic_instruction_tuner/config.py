@@ -231,6 +231,9 @@ class DpoConfig:
 @dataclass
 class EvaluationConfig:
     mode: Literal["hub", "local"] = "hub"  # hub: lm-eval's Hub tasks; local: tasks defined in this repo
+    # lm-eval's model type: hf (every method), or vllm (GPU, vllm installed): base, LoRA adapters and
+    # teacher through lm-eval's own `vllm` model; prompt tuning, which vLLM cannot serve, stays on hf
+    backend: Literal["hf", "vllm"] = "hf"
     hub_tasks: list[str] = field(default_factory=lambda: ["ifeval", "mmlu", "truthfulqa_mc2", "hellaswag"])
     mmlu_fewshot: int = 5
     local_tasks: list[str] = field(

@@ -54,6 +54,7 @@ from .watchdog import heartbeat_path
 PACKAGE = __package__ or "synthetic_instruction_tuner"
 # the step functions that load the generator through `engines.load_engine`
 GENERATOR_STEPS = ("magpie:instructions_step", "responses:responses_step", "preferences:preferences_step")
+EVALUATION_STEP = "evaluation:run_evaluation"
 
 
 # --- where this process stands ------------------------------------------------------------------------
@@ -137,22 +138,28 @@ def _call(function: str) -> Any:
 _ERROR_LINE = re.compile(r"^\s*(\w+\.)*\w*(Error|Exception|Interrupt)\b.*")
 
 
-def check_vllm(device: str, processes: int = 1) -> None:
-    """One line, before anything loads, where `engine.backend: vllm` cannot run here."""
-    if processes > 1:
-        raise ConfigError(
-            "engine.backend is vllm with distributed.num_processes > 1: vLLM spans GPUs itself "
-            "(distributed.vllm_tensor_parallel_size); run steps 01, 02 and 04 with distributed.num_processes=1"
-        )
+def vllm_setting(cfg: Config, function: str) -> str | None:
+    """The setting that puts this step's heavy call on vLLM (engine.backend for generation,
+    evaluation.backend for step 07), or None."""
+    if function in GENERATOR_STEPS and cfg.engine.backend == "vllm":
+        return "engine.backend"
+    if function == EVALUATION_STEP and cfg.evaluation.backend == "vllm":
+        return "evaluation.backend"
+    return None
+
+
+def check_vllm(device: str, key: str = "engine.backend") -> None:
+    """One line, before anything loads, where the setting `key` asks for vLLM and it cannot run here."""
+    fallback = "transformers" if key == "engine.backend" else "hf"
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
-            "engine.backend is vllm but vllm is not installed: pip install vllm on a CUDA machine, "
-            "or --set engine.backend=transformers"
+            f"{key} is vllm but vllm is not installed: pip install vllm on a CUDA machine, "
+            f"or --set {key}={fallback}"
         )
     if device != "cuda":
         raise ConfigError(
-            f"engine.backend is vllm but the device is {device}: vLLM needs a CUDA GPU; "
-            "use a GPU profile, or --set engine.backend=transformers"
+            f"{key} is vllm but the device is {device}: vLLM needs a CUDA GPU; "
+            f"use a GPU profile, or --set {key}={fallback}"
         )
 
 
@@ -161,8 +168,10 @@ def run(function: str, ctx: Any) -> Any:
     one process, under `accelerate launch` with `distributed.num_processes` of them."""
     cfg: Config = ctx.cfg
     n = cfg.distributed.num_processes
-    if cfg.engine.backend == "vllm" and function in GENERATOR_STEPS:
-        check_vllm(ctx.device, n)  # before any process starts
+    vllm_key = vllm_setting(cfg, function)
+    if vllm_key:
+        check_vllm(ctx.device, vllm_key)  # before anything loads
+        n = 1  # vLLM spreads one engine over the GPUs itself (vllm_tensor_parallel_size)
     if n == 1:
         _record_launch({"processes": 1, "launcher": "kernel", "function": function})
         return _call(function)(cfg, ctx.paths, ctx.device)
@@ -221,12 +230,14 @@ def check_launch(cfg: Config, device: str) -> tuple[str, str | None]:
         " (accelerate launch)" if d.num_processes > 1 else " (in the kernel)"
     )
     problem = None
-    if cfg.engine.backend == "vllm":
-        built += f"; generation through vLLM (tensor parallel {d.vllm_tensor_parallel_size})"
+    for key, what in (("engine.backend", "generation"), ("evaluation.backend", "evaluation")):
+        if (cfg.engine.backend if key == "engine.backend" else cfg.evaluation.backend) != "vllm":
+            continue
+        built += f"; {what} through vLLM in one process (tensor parallel {d.vllm_tensor_parallel_size})"
         try:
-            check_vllm(device, d.num_processes)
+            check_vllm(device, key)
         except PipelineError as exc:
-            problem = str(exc)
+            problem = problem or str(exc)
     if not d.accelerate_config:
         return built, problem
     from accelerate.commands.config.config_args import load_config_from_file

@@ -18,7 +18,9 @@ gets the same chat format, so every method sees identical prompts in both modes.
 generator model that wrote the training data) is the reference row: the same prompts, greedy, the same
 token limit, but in its own chat template (`load_teacher`). Loading the model here rather than through
 lm-eval's ``model_args`` keeps one loading path for 4-bit models (lm-eval 0.4.13 passes its own
-``quantization_config`` next to the caller's, which raises a TypeError).
+``quantization_config`` next to the caller's, which raises a TypeError). With ``evaluation.backend:
+vllm`` (GPU profiles), lm-eval's own ``vllm`` model type evaluates the base model, the LoRA adapters
+and the teacher instead (`vllm_eval`); prompt tuning stays on ``hf``.
 
 Per method and task: ``eval/results/<method>/<task>.json`` (lm-eval's results for that task, how its
 generations ended, and the fingerprint they were produced under: a rerun redoes only tasks without
@@ -190,11 +192,23 @@ def load_teacher(cfg: Config, device: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def lm_eval_model_type(cfg: Config, method: str) -> str:
+    """lm-eval's model type that evaluates `method`: `vllm` where evaluation.backend asks for it and
+    vLLM can serve the method (not a prompt-tuning adapter), else `hf`."""
+    from .vllm_eval import VLLM_METHODS
+
+    return "vllm" if cfg.evaluation.backend == "vllm" and method in VLLM_METHODS else "hf"
+
+
 def make_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> Any:
-    """lm-eval's HF model for `method`: the base model or base + adapter, with its chat tokenizer, or
-    the teacher with its own."""
+    """lm-eval's model for `method`: the base model or base + adapter, with its chat tokenizer, or
+    the teacher with its own; `hf` handed the loaded model, or `vllm` (`vllm_eval`)."""
     from .training import load_for_generation
 
+    if lm_eval_model_type(cfg, method) == "vllm":
+        from .vllm_eval import make_vllm_lm
+
+        return make_vllm_lm(cfg, paths, method)
     if method == "teacher":
         model, tokenizer = load_teacher(cfg, device)
     else:
@@ -355,8 +369,13 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             "sample_logs": sorted(samples),
             "results": _jsonable({key: out[key] for key in RESULT_KEYS if key in out}),
             "generation_endings": endings if endings.get("generations") else None,
+            "lm_eval_model": lm_eval_model_type(cfg, method),
         }
         write_json(task_result_path(paths, method, task), records[task])  # last: the task is done
+    if todo and lm_eval_model_type(cfg, method) == "vllm":
+        from .vllm_eval import release
+
+        release(lm)  # the next method's engine needs the GPU memory
     if not is_main_process():
         return {}
     merged: dict[str, Any] = {}
@@ -370,6 +389,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
         for key, value in (records[task].get("generation_endings") or {}).items():
             endings[key] = endings.get(key, 0) + value
     merged["method"] = method
+    merged["lm_eval_model"] = lm_eval_model_type(cfg, method)
     merged["chat_template_applied"] = True
     if endings:
         merged["generation_endings"] = {**endings, "max_gen_toks": e.max_gen_toks}

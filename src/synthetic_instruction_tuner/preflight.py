@@ -404,7 +404,15 @@ class Preflight:
         args = evaluation.lm_eval_args(c, model, "its chat tokenizer")
         problem = lm_eval_problem(args)
         keys = ", ".join(f"{k}={v}" for k, v in args.items())
-        built.append(f"lm-eval HFLM({keys}) for {', '.join(evaluation.METHODS)}")
+        on_hf = [m for m in evaluation.METHODS if evaluation.lm_eval_model_type(c, m) == "hf"]
+        built.append(f"lm-eval HFLM({keys}) for {', '.join(on_hf)}")
+        if c.evaluation.backend == "vllm":
+            from .vllm_eval import lm_eval_vllm_args, vllm_args_problem
+
+            vllm_args = lm_eval_vllm_args(c, self.paths, "sft_lora", c.models.target, "its chat tokenizer")
+            problem = problem or vllm_args_problem(vllm_args)
+            keys = ", ".join(f"{k}={v}" for k, v in vllm_args.items())
+            built.append(f"lm-eval VLLM({keys}) for base, the LoRA adapters and the teacher")
         e = c.evaluation
         context = memory.HUB_EVAL_TOKENS if e.mode == "hub" else self.data_tokens()
         # the students share the target; the teacher's reference row loads the (larger) generator

@@ -8,8 +8,9 @@ attention); `engine.batch_size` only sets how often a batch is appended to disk 
 written. vLLM spreads one engine over several GPUs itself (`distributed.vllm_tensor_parallel_size`),
 so generation with this backend runs in one process.
 
-vLLM needs CUDA: `distributed.check_vllm` stops a step before its processes start, with one line, where vllm is
-not installed, no GPU is visible, or the step would run in several processes.
+vLLM needs CUDA: `distributed.check_vllm` stops a step before anything loads, with one line, where vllm
+is not installed or no GPU is visible. With `distributed.num_processes` above 1 (for training), the
+steps on vLLM still run in one process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .config import Config, SamplingConfig
-from .distributed import check_vllm, world_size
+from .distributed import check_vllm
 from .generation import Completion, EngineStats, Request, batch_seed, plan_batches, stop_token_ids
 from .watchdog import beat
 
@@ -106,7 +107,7 @@ class VllmEngine:
 
 def load_vllm_engine(cfg: Config, device: str) -> VllmEngine:
     """The profile's generator in vLLM, in its generation precision (one LLM per process)."""
-    check_vllm(device, world_size())
+    check_vllm(device)
     from vllm import LLM
 
     from .models import load_tokenizer, resolve_model
