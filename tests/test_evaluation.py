@@ -284,3 +284,54 @@ def test_report_leads_with_the_seed_benchmarks_and_the_alignment_tax(smoke_run):
     assert (tax[tax["benchmark"] == "MMLU (5-shot)"]["questions"] == MMLU_DOCS).all()
     (echo,) = [t for t in tables if "open by repeating the prompt" in t.columns]
     assert len(echo) == 3 * len(METHODS) and (echo["answers"] == 4).all()
+
+
+def test_scoring_computes_the_output_layer_on_scored_positions_only_with_the_same_loglikelihoods():
+    from lm_eval.models.huggingface import HFLM
+
+    from synthetic_instruction_tuner.config import load_config
+    from synthetic_instruction_tuner.evaluation import _adapter_lm_class
+    from synthetic_instruction_tuner.models import load_causal_lm, load_tokenizer, resolve_model
+
+    cfg = load_config("smoke", [])
+    path = resolve_model(cfg.models.target).path
+    model = load_causal_lm(path, "float32", "cpu", False)
+    tokenizer = load_tokenizer(path)
+    ids = tokenizer(
+        "The quick brown fox jumps over the lazy dog near the river bank", add_special_tokens=False
+    )["input_ids"]
+    # MMLU's shape (one-token answers sharing a context) and longer continuations
+    requests = [
+        (("c", "x"), ids[:8], [ids[8]]),
+        (("c", "y"), ids[:8], [ids[9]]),
+        (("d", "z"), ids[:3], ids[3:11]),
+    ]
+    widths = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
+    trimmed = _adapter_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    got = trimmed._loglikelihood_tokens(requests)
+    assert sorted(widths) == [1, 8], "one forward per context, the output layer on the scored positions"
+    widths.clear()
+    full = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)._loglikelihood_tokens(requests)
+    assert sorted(widths) == [8, 10]
+    assert [g for _, g in got] == [f for _, f in full]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in full], abs=1e-5)
+
+
+def test_new_heldout_prompts_redo_only_the_tasks_built_from_them(tmp_path):
+    from synthetic_instruction_tuner.config import load_config
+    from synthetic_instruction_tuner.evaluation import task_fingerprint
+    from synthetic_instruction_tuner.store import run_paths
+
+    cfg, paths = load_config("smoke", []), run_paths(tmp_path)
+    heldout = paths.file("heldout.jsonl")
+    heldout.parent.mkdir(parents=True, exist_ok=True)
+    tasks = ("sit_heldout_ifeval", "sit_heldout_ppl", "sit_ifbench", "ifeval", "mmlu")
+    heldout.write_text('{"key": 1, "prompt": "Write a poem."}\n')
+    before = {(m, t): task_fingerprint(cfg, paths, m, t) for m in ("base", "teacher") for t in tasks}
+    heldout.write_text('{"key": 1, "prompt": "Write a story."}\n')
+    after = {(m, t): task_fingerprint(cfg, paths, m, t) for m in ("base", "teacher") for t in tasks}
+    redone = sorted({task for (method, task), fp in before.items() if fp != after[(method, task)]})
+    assert redone == ["sit_heldout_ifeval", "sit_heldout_ppl"]
+    changed = task_fingerprint(load_config("smoke", ["evaluation.ifeval_docs=7"]), paths, "base", "ifeval")
+    assert changed != after[("base", "ifeval")], "step 07's settings still count"

@@ -3,6 +3,9 @@
 python -m synthetic_instruction_tuner.bench generation --profile cpu
     one prompt at a time with plain `generate` (the seed's fallback) vs the batched engine,
     same model, precision, sampling settings, stop tokens and number of outputs.
+python -m synthetic_instruction_tuner.bench scoring --profile cpu --task mmlu
+    lm-eval's own `hf` model vs step 07's (the output layer on scored positions only) on the base
+    model and the shipped benchmark copies, as the profile samples them: seconds and log-likelihoods.
 """
 
 from __future__ import annotations
@@ -204,6 +207,69 @@ def bench_sft(
     return results
 
 
+def _score(lm: Any, task: str, cfg: Any, manager: Any) -> tuple[float, list[float], float]:
+    """(seconds, every response's log-likelihood in document order, the task's accuracy)."""
+    import lm_eval
+
+    started = time.perf_counter()
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task],
+        num_fewshot=cfg.evaluation.mmlu_fewshot if task == "mmlu" else None,
+        log_samples=True,
+        apply_chat_template=True,
+        fewshot_as_multiturn=task == "mmlu",
+        task_manager=manager,
+        bootstrap_iters=0,
+        random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+    )
+    seconds = time.perf_counter() - started
+    rows = sorted(
+        ((name, row["doc_id"], row) for name, rows in out["samples"].items() for row in rows),
+        key=lambda item: item[:2],
+    )
+    logliks = [float(resp[0][0]) for _, _, row in rows for resp in row["resps"]]
+    accuracy = sum(row["acc"] for _, _, row in rows) / len(rows)
+    return seconds, logliks, accuracy
+
+
+def bench_scoring(profile: str, overrides: list[str], task: str) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from .evaluation import _adapter_lm_class
+    from .models import resolve_device
+    from .offline_tasks import write_offline_tasks
+    from .store import run_paths
+    from .training import load_for_generation
+
+    cfg = load_config(profile, [*overrides, "evaluation.mode=local"])
+    device = resolve_device(cfg.hardware.device)
+    tasks_dir = Path(tempfile.mkdtemp(prefix="sit-bench-scoring-"))
+    docs = write_offline_tasks(cfg, tasks_dir, [task])[task]
+    manager = TaskManager(include_path=str(tasks_dir))
+    model, tokenizer = load_for_generation(cfg, run_paths(tasks_dir / "run"), "base", device)
+    print(f"model {cfg.models.target} ({cfg.hardware.generation_dtype}, {device}); {task}: {docs} documents")
+    results: dict[str, Any] = {}
+    for label, cls in (("lm-eval hf", HFLM), ("step 07", _adapter_lm_class())):
+        lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=1)
+        with torch.inference_mode():
+            results[label] = _score(lm, task, cfg, manager)
+        print(f"{label}: {results[label][0]:.1f} s, accuracy {results[label][2]:.3f}", flush=True)
+    (base_s, base_ll, base_acc), (ours_s, ours_ll, ours_acc) = results.values()
+    largest = max(abs(a - b) for a, b in zip(base_ll, ours_ll, strict=True))
+    print(
+        f"step 07 / lm-eval hf: speed {base_s / ours_s:.2f}x on {len(base_ll)} log-likelihoods; "
+        f"largest difference {largest:.2e} nats; accuracy {ours_acc:.3f} vs {base_acc:.3f}"
+    )
+    return {"speedup": base_s / ours_s, "largest_difference": largest, "accuracy": (base_acc, ours_acc)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m synthetic_instruction_tuner.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -211,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--profile", default="cpu")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     gen.add_argument("--num-outputs", type=int, default=None, help="default: two engine batches")
+    scoring = sub.add_parser("scoring", help="lm-eval's hf model vs step 07's on a log-likelihood benchmark")
+    scoring.add_argument("--profile", default="cpu")
+    scoring.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    scoring.add_argument("--task", default="mmlu", choices=("mmlu", "truthfulqa_mc2", "hellaswag"))
     for name in ("sft", "_sft_worker"):
         sft = sub.add_parser(
             name, help="the project's SFT setup vs TRL's defaults" if name == "sft" else None
@@ -234,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.what == "generation":
             bench_generation(args.profile, args.overrides, args.num_outputs)
+        elif args.what == "scoring":
+            bench_scoring(args.profile, args.overrides, args.task)
         elif args.what == "sft":
             bench_sft(args.profile, args.overrides, args.run_dir, args.steps, args.variant)
         elif args.what == "_sft_worker":

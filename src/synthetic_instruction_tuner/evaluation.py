@@ -139,7 +139,8 @@ def _adapter_lm_class() -> type:
         """lm-eval's `hf` model; also right for prompt tuning, whose PEFT forward prepends the soft
         prompt's positions to the logits while lm-eval indexes logits by input position. It counts
         how its generations end (`endings`): lm-eval keeps only the text, which cannot tell an answer
-        that ended on EOS from one cut at `max_gen_toks`."""
+        that ended on EOS from one cut at `max_gen_toks`. Scoring one sequence at a time, it computes
+        the output layer on the scored positions only (the same log-likelihoods, `logits_to_keep`)."""
 
         endings: dict[str, int]
 
@@ -161,14 +162,41 @@ def _adapter_lm_class() -> type:
                 self.endings[key] += value
             return output
 
+        def _loglikelihood_tokens(
+            self, requests: Any, disable_tqdm: bool = False, override_bs: Any = None
+        ) -> Any:
+            # per input (as lm-eval cuts it), how many of its last positions are scored: only those
+            # need the vocabulary's logits (MMLU: 1 of ~1,000; Gemma's vocabulary is 262k wide)
+            self.scored_positions = {}
+            for _, context, continuation in requests:
+                key = tuple((context + continuation)[-(self.max_length + 1) :][:-1])
+                self.scored_positions[key] = max(self.scored_positions.get(key, 0), len(continuation))
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            finally:
+                self.scored_positions = {}
+
         def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
+            import torch
+
+            config = getattr(self.model, "active_peft_config", None)
+            virtual = getattr(config, "num_virtual_tokens", 0) or 0
+            is_prompt_learning = getattr(config, "is_prompt_learning", False)
+            keep = None
+            if inps.shape[0] == 1 and not is_prompt_learning and attn_mask is None:
+                keep = getattr(self, "scored_positions", {}).get(tuple(inps[0].tolist()))
             with self._heartbeat(f"evaluating: scoring {inps.shape[0]} sequences"):
-                logits = super()._model_call(inps, attn_mask, labels)
-            virtual = getattr(getattr(self.model, "active_peft_config", None), "num_virtual_tokens", 0) or 0
-            is_prompt_learning = getattr(
-                getattr(self.model, "active_peft_config", None), "is_prompt_learning", False
-            )
-            return logits[:, virtual:] if is_prompt_learning and virtual else logits
+                if not keep:
+                    logits = super()._model_call(inps, attn_mask, labels)
+                    return logits[:, virtual:] if is_prompt_learning and virtual else logits
+                # the last `keep` positions only: lm-eval locates the continuation from the end
+                # (inplen + logits length - input length), so its slice picks the same rows
+                dtype = self.mixed_precision_dtype
+                with (
+                    torch.no_grad(),
+                    torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None),
+                ):
+                    return self.model(inps, logits_to_keep=keep).logits
 
     return AdapterLM
 
@@ -263,17 +291,19 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=handle_non_serializable))
 
 
-def method_fingerprint(cfg: Config, paths: RunPaths, method: str) -> dict[str, Any]:
-    """What one method's results depend on: step 07's settings, the held-out prompts, the shipped
-    benchmark copies and its adapter."""
+def task_fingerprint(cfg: Config, paths: RunPaths, method: str, task: str) -> dict[str, Any]:
+    """What one method's result on one task depends on: step 07's settings, the shipped benchmark
+    copies, its adapter, and the run's held-out prompts for the tasks built from them. New data from
+    steps 01-04 thus leaves the base model's and the teacher's benchmark results in place."""
     from .benchmark_data import PROVENANCE
     from .fingerprints import file_digest, settings_of
     from .steps import PIPELINE
 
     (step,) = [s for s in PIPELINE if s.name == "07_evaluate"]
+    heldout = task.startswith("sit_heldout")
     return {
         "settings": settings_of(cfg, step.settings),
-        "heldout": file_digest(paths.file("heldout.jsonl")),
+        "heldout": file_digest(paths.file("heldout.jsonl")) if heldout else None,
         "benchmark_data": file_digest(PROVENANCE),
         "adapter": None if method == "base" else file_digest(paths.adapters / method / "metrics.json"),
     }
@@ -318,8 +348,8 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
     import lm_eval
 
     e = cfg.evaluation
-    fingerprint = method_fingerprint(cfg, paths, method)
-    records = {task: _finished_task(paths, method, task, fingerprint) for task, _ in _tasks(cfg)}
+    fingerprints = {task: task_fingerprint(cfg, paths, method, task) for task, _ in _tasks(cfg)}
+    records = {task: _finished_task(paths, method, task, fingerprints[task]) for task, _ in _tasks(cfg)}
     todo = [(task, fewshot) for task, fewshot in _tasks(cfg) if records[task] is None]
     if todo:
         print(f"evaluating {method}: {', '.join(t for t, _ in todo)} ...", flush=True)
@@ -364,7 +394,7 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             write_jsonl(paths.eval / "samples" / method / f"{name}.jsonl", _jsonable(rows))
         endings = {k: v - before.get(k, 0) for k, v in getattr(lm, "endings", {}).items()}
         records[task] = {
-            "fingerprint": fingerprint,
+            "fingerprint": fingerprints[task],
             "task": task,
             "sample_logs": sorted(samples),
             "results": _jsonable({key: out[key] for key in RESULT_KEYS if key in out}),
