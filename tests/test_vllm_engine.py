@@ -126,3 +126,22 @@ def test_lm_eval_vllm_arguments_are_lm_evals_own_and_prompt_tuning_stays_on_hf(t
     saved = AutoTokenizer.from_pretrained(base)
     messages = [{"role": "user", "content": "Name a colour."}]
     assert "Name a colour." in saved.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
+def test_lm_evals_vllm_model_read_from_source_is_the_one_that_imports():
+    import inspect
+
+    from lm_eval.models.vllm_causallms import VLLM
+
+    from synthetic_instruction_tuner.vllm_eval import vllm_init_parameters
+
+    named = {p for p in inspect.signature(VLLM.__init__).parameters if p not in ("self", "kwargs")}
+    assert named == vllm_init_parameters()
+    # step 07 wraps this call to count endings: its parameters must still be these
+    assert list(inspect.signature(VLLM._model_generate).parameters) == [
+        "self",
+        "requests",
+        "generate",
+        "sampling_params",
+    ]
