@@ -48,6 +48,15 @@ reporting.seed_benchmark_table(ctx.paths)
 reporting.alignment_tax_table(ctx.paths)
 
 # %% [markdown]
+# ## An outside anchor: the model cards
+#
+# The base model's and the teacher's figures on the seed's benchmarks beside those their model cards
+# publish, with the settings that differ (quantised weights, generation length, shots, formulation).
+
+# %%
+reporting.anchor_table(ctx.paths, ctx.cfg)
+
+# %% [markdown]
 # ## Answers that open by repeating the prompt
 
 # %%

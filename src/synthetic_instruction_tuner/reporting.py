@@ -783,6 +783,23 @@ def alignment_tax_table(paths: RunPaths) -> Any:
     )
 
 
+def anchor_table(paths: RunPaths, cfg: Any) -> Any:
+    """The base model's and the teacher's benchmark figures beside their model cards' (`anchors`)."""
+    import pandas as pd
+
+    from .anchors import anchor_rows
+
+    rows = anchor_rows(cfg, read_json(paths.eval / "summary.json"))
+    if not rows:
+        return f"No published figures are recorded for {cfg.models.target} or {cfg.models.generator}."
+    return _caption(
+        pd.DataFrame(rows),
+        "An outside anchor: this run's base model and teacher beside the figures their model cards "
+        "publish (percent; this run's value [95% interval], n documents). The gap is explained by the "
+        f"settings that differ, or it is a finding. Source: {paths.eval / 'summary.json'}; the cards",
+    )
+
+
 def prompt_echo_frame(paths: RunPaths) -> Any:
     """Per model and generation task: answers that open by repeating the prompt."""
     import pandas as pd
