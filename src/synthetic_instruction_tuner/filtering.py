@@ -449,8 +449,7 @@ def filter_records(
     reason: dict[int, str] = dict.fromkeys(overlap, "benchmark_overlap")
     after_benchmarks = [i for i in range(len(records)) if i not in reason]
     for i in after_benchmarks:
-        record = records[i]
-        rule = rule_filter_reason(record, cfg)
+        rule = rule_filter_reason(records[i], cfg)
         if rule is not None:
             reason[i] = rule
     after_rules = [i for i in range(len(records)) if i not in reason]
