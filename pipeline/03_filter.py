@@ -12,9 +12,10 @@
 # **Purpose.** Keep the pairs worth training on (the seed kept 1,000 of 1,500). First, every
 # instruction that shares a word n-gram (`filtering.contamination_ngram`) with a prompt of a benchmark
 # the pipeline evaluates on is removed (`benchmark_overlap`: no benchmark prompt reaches the training
-# data). Then rule filters with named reasons (lengths, truncation, role leakage, refusals, language, repetition, fragments), then
-# MinHash/LSH near-duplicate removal on instructions keeping one per cluster, then the best
-# `counts.sft_target` by a documented quality score (see `synthetic_instruction_tuner.filtering`).
+# data). Then rule filters with named reasons (lengths, truncation, role leakage, refusals, language,
+# repetition, fragments), then MinHash/LSH near-duplicate removal on instructions keeping one per
+# cluster, then the best `counts.sft_target` by a documented quality score (see
+# `synthetic_instruction_tuner.filtering`).
 #
 # **Inputs.** `data/responses.jsonl` (step 02).
 #
