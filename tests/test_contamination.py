@@ -8,6 +8,7 @@ import json
 import pytest
 
 from synthetic_instruction_tuner import constraints as ic
+from synthetic_instruction_tuner import reporting
 from synthetic_instruction_tuner.benchmark_data import read_jsonl_gz, shipped
 from synthetic_instruction_tuner.config import FilteringConfig, load_config
 from synthetic_instruction_tuner.contamination import (
@@ -184,6 +185,17 @@ def test_the_report_counts_task_and_template_overlap_per_benchmark(tmp_path):
     assert leak["file"] == "sft_train.jsonl" and leak["doc_ids"][0] == "2925" and len(leak["ngrams"]) <= 3
     assert [r["id"] for r in report["removed_before_training"]] == ["x", "z"]
 
+    counts, overlaps, wording = (t.data for t in reporting.contamination_tables(paths))
+    assert list(counts["benchmark"]) == ["ifeval", "mmlu", "truthfulqa_mc", "ifbench", "heldout"]
+    assert list(zip(overlaps["caught"], overlaps["id"], overlaps["benchmark"], strict=True)) == [
+        ("in training data", "leak", "ifeval"),
+        ("in training data", "p1", "heldout"),
+        ("removed before training", "x", "mmlu"),
+        ("removed before training", "z", "heldout"),
+    ]
+    assert overlaps["doc_ids"].iloc[2] == "astronomy/test/1"
+    assert list(wording.iloc[0]) == ["ifeval", "your entire response should be in english and", 1]
+
 
 def test_step_03_removes_a_leaked_prompt_and_lists_it(tmp_path, smoke_cfg):
     paths = run_paths(tmp_path)
@@ -206,6 +218,8 @@ def test_step_03_removes_a_leaked_prompt_and_lists_it(tmp_path, smoke_cfg):
         "2925",
     )
     assert funnel["settings"]["contamination_ngram"] == 8
+    shown = reporting.benchmark_removals_table(paths)
+    assert list(shown.data["id"]) == ["b"] and shown.data["instruction"].iloc[0] == rows[1]["instruction"]
 
 
 def test_the_ngram_setting_reruns_the_steps_that_read_it(tmp_path):
