@@ -119,6 +119,17 @@ pass_rates, sft_sources = reporting.constraint_data_tables(ctx.paths)
 display(pass_rates, sft_sources)
 
 # %% [markdown]
+# ## Contamination check
+#
+# No benchmark prompt reaches the training data: every training row as trained is checked for word
+# n-gram overlap with the prompts of IFEval, MMLU, TruthfulQA, IFBench and the held-out set. Matches
+# only through the constraint sentences the pipeline appends (IFEval's own instruction wording, from
+# lm-eval's registry) are template overlap, shared by design; task-text matches would be contamination.
+
+# %%
+display(*reporting.contamination_tables(ctx.paths))
+
+# %% [markdown]
 # ## Held-out prompts, answered by each method
 
 # %%

@@ -30,11 +30,14 @@
 # and scorer), `data/sft_train.jsonl` (chat `messages` with their `source`, `constraints` and the `edited` ones),
 # `data/preferences_summary.json` (with pass rates per constraint family); the sweep's samples and scores are appended to
 # `data/preference_samples.jsonl` and `data/preference_scores.jsonl` so a killed run resumes.
+# `data/contamination.json`: the contamination check of the training rows as trained.
 
 # %%
 import pandas as pd
 from IPython.display import display
 
+from synthetic_instruction_tuner import reporting
+from synthetic_instruction_tuner.contamination import check_training_data
 from synthetic_instruction_tuner.distributed import run
 from synthetic_instruction_tuner.steps import start_step
 from synthetic_instruction_tuner.store import read_jsonl
@@ -77,3 +80,24 @@ pd.DataFrame(
         for p in pairs[:5]
     ]
 )
+
+# %% [markdown]
+# ## Contamination check
+#
+# Every training row as steps 05-06 read it (the SFT set and the preference prompts, constraints
+# included) against the prompts of every benchmark the pipeline evaluates on and the held-out prompts:
+# word n-grams of `filtering.contamination_ngram` words. Overlap through the task text is
+# contamination (step 03 removed such instructions, and this step set aside those overlapping a
+# held-out prompt); overlap only through the constraint sentences this pipeline appends is IFEval's
+# own instruction wording (lm-eval's registry), shared by design.
+
+# %%
+contamination = check_training_data(ctx.paths, ctx.cfg.filtering.contamination_ngram)
+print(
+    f"{contamination['task_overlap']} training rows share a word {contamination['ngram']}-gram of task text "
+    f"with an evaluation prompt; {len(contamination['removed_before_training'])} removed before training "
+    f"(checked in {contamination['seconds']} s)"
+)
+
+# %%
+display(*reporting.contamination_tables(ctx.paths))

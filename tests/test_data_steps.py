@@ -72,6 +72,23 @@ def test_heldout_prompts_are_never_trained_on(smoke_run):
     assert all(r["instruction_id_list"] for r in heldout_rows)  # every held-out prompt carries constraints
 
 
+def test_the_contamination_check_covers_every_row_as_trained(smoke_run):
+    run, _ = smoke_run
+    report = json.loads((run / "data/contamination.json").read_text())
+    cfg = load_config("smoke")
+    assert report["ngram"] == cfg.filtering.contamination_ngram
+    assert report["checked"] == {
+        "sft_train.jsonl": len(read_jsonl(run / "data/sft_train.jsonl")),
+        "preferences.jsonl": len(read_jsonl(run / "data/preferences.jsonl")),
+    }
+    assert report["counts"]["heldout"]["documents"] == cfg.counts.heldout_prompts
+    assert report["counts"]["ifeval"]["documents"] == 541
+    # every task-text overlap was removed before training; what is left is the constraint wording
+    assert report["task_overlap"] == 0 and {m["kind"] for m in report["matches"]} <= {"template"}
+    funnel = json.loads((run / "data/funnel.json").read_text())
+    assert funnel["stages"][0]["stage"] == "benchmarks" and "benchmark_overlap" in funnel["removed"]
+
+
 def test_heldout_split_is_seeded():
     rows = [{"id": str(i)} for i in range(20)]
     a, rest = split_heldout(rows, 5, seed=1)
@@ -197,7 +214,8 @@ def test_sft_mix_is_written_with_its_sources(smoke_run):
     rows = read_jsonl(run / "data/sft_train.jsonl", required=("id", "messages", "source", "constraints"))
     heldout = {r["id"] for r in read_jsonl(run / "data/heldout.jsonl")}
     sft = {r["id"]: r for r in read_jsonl(run / "data/sft.jsonl")}
-    assert len(rows) == summary["sft_train"]["rows"] == len(sft) - len(heldout)
+    set_aside = summary["heldout_overlap_set_aside"]  # training instructions overlapping a held-out prompt
+    assert len(rows) == summary["sft_train"]["rows"] == len(sft) - len(heldout) - len(set_aside)
     assert sum(summary["sft_train"][s] for s in SFT_SOURCES) == len(rows) and heldout.isdisjoint(
         r["id"] for r in rows
     )

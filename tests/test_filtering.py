@@ -91,7 +91,7 @@ TRIGGERS = {
 
 def test_every_rule_reason_has_a_trigger():
     assert tuple(TRIGGERS) == RULE_REASONS
-    assert (*RULE_REASONS, "near_duplicate", "over_target") == REASONS
+    assert ("benchmark_overlap", *RULE_REASONS, "near_duplicate", "over_target") == REASONS
 
 
 @pytest.mark.parametrize("reason", RULE_REASONS)
@@ -472,8 +472,10 @@ def test_funnel_is_consistent_serialisable_and_capped():
     assert funnel["kept"] == len(result.kept) == 6
     assert list(funnel["removed"]) == list(REASONS)
     assert list(funnel["examples"]) == list(REASONS)
-    assert [s["stage"] for s in funnel["stages"]] == ["rules", "dedup", "target"]
+    assert [s["stage"] for s in funnel["stages"]] == ["benchmarks", "rules", "dedup", "target"]
+    assert funnel["removed"]["benchmark_overlap"] == 0  # no index given: no benchmark check
     assert [s["remaining"] for s in funnel["stages"]] == [
+        len(records),
         len(records) - sum(funnel["removed"][r] for r in RULE_REASONS),
         len(records) - sum(funnel["removed"][r] for r in RULE_REASONS) - funnel["removed"]["near_duplicate"],
         6,

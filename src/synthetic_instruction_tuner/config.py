@@ -115,6 +115,9 @@ class FilteringConfig:
     dedup_threshold: float = 0.7  # MinHash Jaccard similarity at which two instructions are duplicates
     dedup_num_perm: int = 128
     dedup_shingle: int = 3  # word shingle size for MinHash
+    # instructions sharing a word n-gram this long with a benchmark prompt are removed (contamination.py:
+    # 13-grams, GPT-3's, are longer than many one-line prompts; GPT-2 and PaLM used 8)
+    contamination_ngram: int = 8
 
 
 @dataclass
@@ -485,6 +488,8 @@ def _check_consistency(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: preferences.constraint_ids has unsupported id {unknown[0]!r}")
         if len(p.constraint_ids) < p.max_constraints:
             raise ConfigError(f"{source}: preferences.constraint_ids has fewer ids than max_constraints")
+    if cfg.filtering.contamination_ngram < 1:
+        raise ConfigError(f"{source}: filtering.contamination_ngram must be at least 1")
     d = cfg.sft_data
     if not 0 <= d.backtranslation_share <= 1:
         raise ConfigError(f"{source}: sft_data.backtranslation_share must be within [0, 1]")

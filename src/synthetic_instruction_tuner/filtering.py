@@ -1,10 +1,15 @@
 """Step 03: turn generated (instruction, response) records into a clean SFT set.
 
 Records are dicts with at least ``id``, ``instruction`` and ``response`` (strings) and usually
-``finish_reason``; every other key is passed through untouched. Three stages run in order, and each
+``finish_reason``; every other key is passed through untouched. Four stages run in order, and each
 removed record gets exactly one reason, the first that fires:
 
-1. **Rules** (`rule_filter_reason`), checked in this order, cheapest and most certain first so that
+1. **Benchmarks** (``benchmark_overlap``): the instruction shares a word n-gram of
+   ``contamination_ngram`` words with a prompt of a benchmark the pipeline evaluates on
+   (`contamination`); the removal names the benchmark, the document and the shared n-grams. First,
+   so that every generated instruction that overlaps a benchmark is counted as such.
+
+2. **Rules** (`rule_filter_reason`), checked in this order, cheapest and most certain first so that
    langdetect only sees records that are otherwise fine:
 
    ========================  =====================================================================
@@ -35,7 +40,7 @@ removed record gets exactly one reason, the first that fires:
                              ``max_repeated_ngram_ratio``
    ========================  =====================================================================
 
-2. **Near-duplicates** (``near_duplicate``): instructions are normalised (lowercase, punctuation
+3. **Near-duplicates** (``near_duplicate``): instructions are normalised (lowercase, punctuation
    removed, whitespace collapsed), shingled into word n-grams of ``dedup_shingle`` words and hashed
    with MinHash (``dedup_num_perm`` permutations). MinHashLSH proposes candidate pairs, a pair is an
    edge when its estimated Jaccard is at least ``dedup_threshold``, and clusters are the connected
@@ -43,7 +48,7 @@ removed record gets exactly one reason, the first that fires:
    cluster keeps the member with the highest `quality_score` (ties: smallest id); the others record
    the kept id as ``duplicate_of``.
 
-3. **Target** (``over_target``): if more than ``target`` records remain, the ``target`` with the
+4. **Target** (``over_target``): if more than ``target`` records remain, the ``target`` with the
    highest `quality_score` are kept (ties: smallest id).
 
 Quality score (higher is better), computed on the response only, because the rules already vetted the
@@ -84,6 +89,7 @@ from langdetect import DetectorFactory, detect
 from langdetect.lang_detect_exception import LangDetectException
 
 from .config import Config, FilteringConfig
+from .contamination import Match, NgramIndex, benchmark_index
 from .errors import DataError
 from .store import RunPaths, count_jsonl, read_jsonl, write_json, write_jsonl
 
@@ -99,7 +105,7 @@ RULE_REASONS: tuple[str, ...] = (
     "non_english",
     "repetitive",
 )
-REASONS: tuple[str, ...] = (*RULE_REASONS, "near_duplicate", "over_target")
+REASONS: tuple[str, ...] = ("benchmark_overlap", *RULE_REASONS, "near_duplicate", "over_target")
 
 # Words after which an English request does not end: articles, conjunctions, possessive determiners and
 # list introducers. Most prepositions are left out on purpose: imperatives strand them legitimately
@@ -161,7 +167,8 @@ class FilterResult:
 
     kept: list[dict[str, Any]]  # surviving records, input order, the caller's dicts unchanged
     funnel: dict[str, Any]  # JSON-serialisable summary (see the module docstring)
-    removed: list[dict[str, Any]] = field(default_factory=list)  # {"id", "reason"[, "duplicate_of"]}
+    # {"id", "reason"[, "duplicate_of" | "benchmark", "doc_id", "shared_ngrams", "ngrams"]}
+    removed: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --- text helpers -------------------------------------------------------------------------------------
@@ -413,13 +420,24 @@ def _check_records(records: Sequence[dict[str, Any]]) -> None:
         _field(record, "response")
 
 
+def _overlaps(records: Sequence[dict[str, Any]], benchmarks: NgramIndex | None) -> dict[int, Match]:
+    """The position of every record whose instruction shares an n-gram with a benchmark prompt, and
+    the document it shares the most with."""
+    if benchmarks is None:
+        return {}
+    found = {i: benchmarks.matches(r["instruction"]) for i, r in enumerate(records)}
+    return {i: matches[0] for i, matches in found.items() if matches}
+
+
 def filter_records(
     records: Sequence[dict[str, Any]],
     cfg: FilteringConfig,
     target: int,
     examples_per_reason: int = 3,
+    benchmarks: NgramIndex | None = None,
 ) -> FilterResult:
-    """Apply rules, near-duplicate removal and the `target` cut; return kept records and the funnel."""
+    """Apply the benchmark check (when given an index of benchmark prompts), rules, near-duplicate
+    removal and the `target` cut; return kept records and the funnel."""
     if target < 0:
         raise ValueError(f"target must be non-negative, got {target}")
     if examples_per_reason < 0:
@@ -427,9 +445,11 @@ def filter_records(
     _check_records(records)
     records, trimmed = trim_responses(records, cfg.trim_truncated, cfg.trim_words)
 
-    reason: dict[int, str] = {}
-    for i, record in enumerate(records):
-        rule = rule_filter_reason(record, cfg)
+    overlap = _overlaps(records, benchmarks)
+    reason: dict[int, str] = dict.fromkeys(overlap, "benchmark_overlap")
+    after_benchmarks = [i for i in range(len(records)) if i not in reason]
+    for i in after_benchmarks:
+        rule = rule_filter_reason(records[i], cfg)
         if rule is not None:
             reason[i] = rule
     after_rules = [i for i in range(len(records)) if i not in reason]
@@ -457,6 +477,8 @@ def filter_records(
         entry: dict[str, Any] = {"id": record["id"], "reason": why}
         if why == "near_duplicate":
             entry["duplicate_of"] = records[duplicate_of[i]]["id"]
+        if why == "benchmark_overlap":
+            entry.update({k: v for k, v in overlap[i].as_dict().items() if k != "kind"})
         removed.append(entry)
         if len(examples[why]) < examples_per_reason:
             example = {
@@ -464,8 +486,7 @@ def filter_records(
                 "instruction": _clip(record["instruction"]),
                 "response": _clip(record["response"]),
             }
-            if why == "near_duplicate":
-                example["duplicate_of"] = entry["duplicate_of"]
+            example.update({k: v for k, v in entry.items() if k not in ("id", "reason")})
             if i in score:  # dedup and target decisions are explained by the score
                 example["score"] = score[i]
             examples[why].append(example)
@@ -473,6 +494,7 @@ def filter_records(
     funnel = {
         "input": len(records),
         "stages": [
+            {"stage": "benchmarks", "remaining": len(after_benchmarks)},
             {"stage": "rules", "remaining": len(after_rules)},
             {"stage": "dedup", "remaining": len(after_dedup)},
             {"stage": "target", "remaining": len(kept_positions)},
@@ -501,7 +523,8 @@ def run_filter_step(paths: RunPaths, cfg: Config) -> dict[str, Any]:
     first sample to the last kept row.
     """
     responses = read_jsonl(paths.file("responses.jsonl"), required=("id", "instruction", "response"))
-    result = filter_records(responses, cfg.filtering, target=cfg.counts.sft_target)
+    benchmarks = benchmark_index(cfg.filtering.contamination_ngram)
+    result = filter_records(responses, cfg.filtering, target=cfg.counts.sft_target, benchmarks=benchmarks)
     rejected_path = paths.file("instructions_rejected.jsonl")
     magpie_rejected = read_jsonl(rejected_path, required=("reason",)) if rejected_path.exists() else []
     instructions = count_jsonl(paths.file("instructions.jsonl"))

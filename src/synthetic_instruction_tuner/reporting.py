@@ -229,6 +229,69 @@ def constraint_data_tables(paths: RunPaths) -> tuple[Any, Any]:
     )
 
 
+def benchmark_removals_table(paths: RunPaths) -> Any:
+    """Step 03's removals for benchmark overlap: each instruction and the prompt it shares n-grams with."""
+    import pandas as pd
+
+    source = paths.file("filtered_out.jsonl")
+    removed = [r for r in read_jsonl(source) if r["reason"] == "benchmark_overlap"]
+    text = {r["id"]: r["instruction"] for r in read_jsonl(paths.file("responses.jsonl"))}
+    frame = pd.DataFrame(
+        [{"id": r["id"], "instruction": text.get(r["id"], ""), **r} for r in removed],
+        columns=["id", "instruction", "benchmark", "doc_id", "shared_ngrams", "ngrams"],
+    )
+    return _caption(
+        frame,
+        f"Instructions removed for sharing a word n-gram with a benchmark prompt ({len(frame)}). "
+        f"Source: {source}",
+    )
+
+
+def contamination_tables(paths: RunPaths, top: int = 10) -> tuple[Any, Any, Any]:
+    """The check of the training rows as trained (data/contamination.json): counts per benchmark,
+    every task-text match and every removal before training, and the constraint wording behind
+    template matches (the `top` most frequent first n-grams)."""
+    import pandas as pd
+
+    source = paths.file("contamination.json")
+    report = read_json(source)
+    counts = pd.DataFrame([{"benchmark": name, **c} for name, c in report["counts"].items()])
+    checked = ", ".join(f"{n} rows of {name}" for name, n in report["checked"].items())
+    task = [{"caught": "in training data", **m} for m in report["matches"] if m["kind"] == "task"]
+    caught = [{"caught": "removed before training", **r} for r in report["removed_before_training"]]
+    matches = pd.DataFrame(
+        [{**m, "doc_ids": ", ".join(m.get("doc_ids", [m.get("doc_id", "")]))} for m in task + caught],
+        columns=["caught", "file", "id", "benchmark", "doc_ids", "shared_ngrams", "ngrams"],
+    )
+    template = [m for m in report["matches"] if m["kind"] == "template"]
+    wording = (
+        pd.DataFrame(
+            [{"benchmark": m["benchmark"], "first shared n-gram": m["ngrams"][0]} for m in template],
+            columns=["benchmark", "first shared n-gram"],
+        )
+        .value_counts()
+        .rename("rows")
+        .reset_index()
+        .head(top)
+    )
+    return (
+        _caption(
+            counts,
+            f"Training rows ({checked}) sharing a word {report['ngram']}-gram with a benchmark prompt: "
+            "through their task text, or only through the constraint wording the pipeline appends "
+            f"(lm-eval's IFEval registry, which IFEval's prompts use too). Source: {source}",
+        ),
+        _caption(
+            matches,
+            f"Task-text overlaps: {report['task_overlap']} rows in the training data; the rest were "
+            "removed before training (step 03: benchmarks; step 04: held-out prompts)",
+        ),
+        _caption(
+            wording, f"Template overlap: the constraint wording shared, by rows ({len(template)} in all)"
+        ),
+    )
+
+
 def funnel_figure(paths: RunPaths) -> Any:
     import matplotlib.pyplot as plt
 

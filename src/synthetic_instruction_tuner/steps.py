@@ -90,6 +90,7 @@ PIPELINE: tuple[Step, ...] = (
             "data/preferences.jsonl",
             "data/sft_train.jsonl",
             "data/preferences_summary.json",
+            "data/contamination.json",
         ),
         settings=(
             *_GENERATOR,
@@ -100,6 +101,7 @@ PIPELINE: tuple[Step, ...] = (
             "counts.heldout_prompts",
             "counts.preference_prompts",
             "sft_data",
+            "filtering.contamination_ngram",  # held-out overlap, and the check of the rows as trained
         ),
     ),
     Step(
