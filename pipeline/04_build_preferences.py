@@ -86,16 +86,17 @@ pd.DataFrame(
 #
 # Every training row as steps 05-06 read it (the SFT set and the preference prompts, constraints
 # included) against the prompts of every benchmark the pipeline evaluates on and the held-out prompts:
-# word n-grams of `filtering.contamination_ngram` words. Overlap through the task text is
-# contamination (step 03 removed such instructions, and this step set aside those overlapping a
-# held-out prompt); overlap only through the constraint sentences this pipeline appends is IFEval's
-# own instruction wording (lm-eval's registry), shared by design.
+# word n-grams of `filtering.contamination_ngram` words. Overlap with a benchmark through the task
+# text is contamination (step 03 removed such instructions). The held-out prompts come from the same
+# generator and share its stock openings: their overlaps are reported, not removed (the split is kept
+# apart by id and near-duplicate removal). Overlap only through the constraint sentences this pipeline
+# appends is IFEval's own instruction wording (lm-eval's registry), shared by design.
 
 # %%
 contamination = check_training_data(ctx.paths, ctx.cfg.filtering.contamination_ngram)
 print(
     f"{contamination['task_overlap']} training rows share a word {contamination['ngram']}-gram of task text "
-    f"with an evaluation prompt; {len(contamination['removed_before_training'])} removed before training "
+    f"with a benchmark prompt; {len(contamination['removed_before_training'])} removed before training "
     f"(checked in {contamination['seconds']} s)"
 )
 

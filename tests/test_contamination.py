@@ -1,5 +1,5 @@
-"""Benchmark contamination: the n-gram index of the shipped benchmarks, step 03's guard, step 04's
-held-out guard and the check of the rows as trained (data/contamination.json)."""
+"""Benchmark contamination: the n-gram index of the shipped benchmarks, step 03's guard and the
+check of the rows as trained against them and the held-out prompts (data/contamination.json)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from synthetic_instruction_tuner.config import FilteringConfig, load_config
 from synthetic_instruction_tuner.contamination import (
     Doc,
     NgramIndex,
-    apart_from,
     benchmark_index,
     check_training_data,
     ngrams,
@@ -23,7 +22,7 @@ from synthetic_instruction_tuner.contamination import (
 )
 from synthetic_instruction_tuner.filtering import filter_records, run_filter_step
 from synthetic_instruction_tuner.steps import PIPELINE, current_fingerprint
-from synthetic_instruction_tuner.store import read_json, read_jsonl, run_paths, write_json, write_jsonl
+from synthetic_instruction_tuner.store import read_json, read_jsonl, run_paths, write_jsonl
 
 NO_LANG = FilteringConfig(language=None)
 CLEAN = "Give me three practical tips for keeping a small vegetable garden healthy through a dry summer."
@@ -94,31 +93,6 @@ def test_a_constraint_sentence_the_pipeline_appends_is_template_overlap(benchmar
     assert split_prompt(CLEAN, [LOWERCASE]) == (CLEAN, "")
 
 
-def test_training_instructions_overlapping_a_heldout_prompt_are_set_aside():
-    heldout = [
-        {
-            "id": "h1",
-            "prompt": ic.add_constraints(
-                "Write a limerick about a cat who learns to play the violin.", [LOWERCASE]
-            ),
-            "instruction_id_list": [LOWERCASE.instruction_id],
-            "kwargs": [{}],
-        }
-    ]
-    records = [
-        {"id": "r1", "instruction": CLEAN},
-        {
-            "id": "r2",
-            "instruction": "Now write a limerick about a cat who learns to play the violin, please.",
-        },
-    ]
-    kept, aside = apart_from(records, heldout, 8)
-    assert [r["id"] for r in kept] == ["r1"]
-    assert [(a["id"], a["benchmark"], a["doc_id"], a["kind"]) for a in aside] == [
-        ("r2", "heldout", "h1", "task")
-    ]
-
-
 def _training_run(tmp_path):
     """A run directory with step 04's files: a plain SFT row carrying an IFEval prompt, a row with an
     appended constraint, a preference prompt overlapping the held-out prompt, and earlier removals."""
@@ -151,9 +125,6 @@ def _training_run(tmp_path):
             {"id": "y", "reason": "near_duplicate", "duplicate_of": "x"},
         ],
     )
-    write_json(
-        paths.file("preferences_summary.json"), {"heldout_overlap_set_aside": [{"id": "z", "doc_id": "h1"}]}
-    )
     return paths
 
 
@@ -169,10 +140,11 @@ def test_the_report_counts_task_and_template_overlap_per_benchmark(tmp_path):
         "rows_template_overlap_only": 1,  # the appended lowercase constraint
         "removed_before_training": 0,
     }
+    # the held-out prompts' overlaps are reported, not removed, and not counted as benchmark overlap
     assert report["counts"]["heldout"]["rows_task_overlap"] == 1
-    assert report["counts"]["heldout"]["removed_before_training"] == 1
+    assert report["counts"]["heldout"]["removed_before_training"] == 0
     assert report["counts"]["mmlu"]["removed_before_training"] == 1
-    assert report["task_overlap"] == 2
+    assert report["task_overlap"] == 1
     by_row = {(m["id"], m["benchmark"], m["kind"]): m for m in report["matches"]}
     assert set(by_row) >= {
         ("leak", "ifeval", "task"),
@@ -183,7 +155,7 @@ def test_the_report_counts_task_and_template_overlap_per_benchmark(tmp_path):
     leak = by_row[("leak", "ifeval", "task")]
     assert set(leak) == {"file", "id", "benchmark", "kind", "doc_ids", "shared_ngrams", "ngrams"}
     assert leak["file"] == "sft_train.jsonl" and leak["doc_ids"][0] == "2925" and len(leak["ngrams"]) <= 3
-    assert [r["id"] for r in report["removed_before_training"]] == ["x", "z"]
+    assert [r["id"] for r in report["removed_before_training"]] == ["x"]
 
     counts, overlaps, wording = (t.data for t in reporting.contamination_tables(paths))
     assert list(counts["benchmark"]) == ["ifeval", "mmlu", "truthfulqa_mc", "ifbench", "heldout"]
@@ -191,7 +163,6 @@ def test_the_report_counts_task_and_template_overlap_per_benchmark(tmp_path):
         ("in training data", "leak", "ifeval"),
         ("in training data", "p1", "heldout"),
         ("removed before training", "x", "mmlu"),
-        ("removed before training", "z", "heldout"),
     ]
     assert overlaps["doc_ids"].iloc[2] == "astronomy/test/1"
     assert list(wording.iloc[0]) == ["ifeval", "your entire response should be in english and", 1]

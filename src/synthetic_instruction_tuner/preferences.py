@@ -1,8 +1,7 @@
 """Step 04: preference pairs from a temperature sweep, scored by a reward model and/or constraints.
 
 1. A held-out prompt split is set aside first (never trained on); every held-out prompt carries
-   1–3 verifiable constraints so it doubles as an IFEval-style evaluation set. A training
-   instruction that shares a word n-gram with a held-out prompt is set aside too (`contamination`).
+   1–3 verifiable constraints so it doubles as an IFEval-style evaluation set.
 2. Each remaining prompt is sampled at every temperature of the sweep. A share of prompts first get
    IFEval constraints appended (deterministic per prompt id).
 3. Each sample is scored:
@@ -31,7 +30,6 @@ from . import backtranslation as bt
 from . import constraints as ic
 from . import format_edits as fe
 from .config import Config, SamplingConfig
-from .contamination import apart_from
 from .distributed import clear_shards, generate, is_main_process, output, shard_dir
 from .errors import PipelineError
 from .generation import Completion, GenerationEngine, Request, chat_prompt_ids
@@ -536,11 +534,8 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
     p = cfg.preferences
     sft = read_jsonl(paths.file("sft.jsonl"), required=("id", "instruction", "response"))
     heldout, rest = split_heldout(sft, cfg.counts.heldout_prompts, cfg.seed)
-    heldout_rows = heldout_records(heldout, cfg)
     if is_main_process():
-        write_jsonl(paths.file("heldout.jsonl"), heldout_rows)
-    # the held-out prompts are evaluation prompts: no training instruction shares an n-gram with one
-    rest, set_aside = apart_from(rest, heldout_rows, cfg.filtering.contamination_ngram)
+        write_jsonl(paths.file("heldout.jsonl"), heldout_records(heldout, cfg))
 
     prompts = _sweep_prompts(rest, cfg)
     by_prompt = {pr["id"]: pr for pr in prompts}
@@ -557,7 +552,6 @@ def build_preferences(engine: GenerationEngine, cfg: Config, paths: RunPaths, de
     summary = {
         "sft_prompts": len(sft),
         "heldout": len(heldout),
-        "heldout_overlap_set_aside": set_aside,
         "preference_prompts": len(prompts),
         "prompts_with_constraints": len(with_constraints),
         "samples": len(all_samples),

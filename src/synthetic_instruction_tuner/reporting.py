@@ -283,8 +283,9 @@ def contamination_tables(paths: RunPaths, top: int = 10) -> tuple[Any, Any, Any]
         ),
         _caption(
             matches,
-            f"Task-text overlaps: {report['task_overlap']} rows in the training data; the rest were "
-            "removed before training (step 03: benchmarks; step 04: held-out prompts)",
+            f"Task-text overlaps: {report['task_overlap']} rows share wording with a benchmark prompt in "
+            "the training data, the rows marked 'removed before training' were removed by step 03; "
+            "overlaps with the run's held-out prompts (same generator, stock openings) are listed, not removed",
         ),
         _caption(
             wording, f"Template overlap: the constraint wording shared, by rows ({len(template)} in all)"
