@@ -267,7 +267,9 @@ def test_a_full_run_prints_a_line_per_step_and_logs_the_rest(smoke_run):
         assert f"run_all: analysis_{page}: running (analysis/{page}.py; reports)" in console
         assert (run / "logs" / f"analysis_{page}.log").exists()
     assert "Executing Cell" not in console and "<IPython.core.display" not in console
-    assert all(line.startswith("run_all: ") for line in lines) and len(lines) <= 2 * len(PIPELINE) + 8
+    # progress lines come every 30 s off a terminal, so their number follows the machine's speed
+    steady = [line for line in lines if not re.search(r"\(\d+%\) \[", line)]
+    assert all(line.startswith("run_all: ") for line in lines) and len(steady) <= 2 * len(PIPELINE) + 8
     assert lines[-1].startswith("run_all: finished in ") and "8 of 8 steps run" in lines[-1]
 
 

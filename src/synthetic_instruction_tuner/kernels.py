@@ -40,10 +40,11 @@ _BOOT = (
 )
 
 
-def kernel_manager_class(env: Mapping[str, str] | None = None) -> type:
+def kernel_manager_class(env: Mapping[str, str] | None = None, log: Path | None = None) -> type:
     """An async kernel manager for papermill: IPC sockets (no TCP ports, and no "running over TCP"
-    warning on stderr), `env` added to the kernel's environment, and the kernel registered for
-    `kill_kernels` and tied to this process's life."""
+    warning on stderr), `env` added to the kernel's environment, the kernel process's own stderr
+    (ipykernel's log lines, e.g. "KeyboardInterrupt caught in kernel" at shutdown) appended to `log`
+    rather than the console, and the kernel registered for `kill_kernels` and tied to this process's life."""
     from jupyter_client.manager import AsyncKernelManager
 
     extra_env = dict(env or {})
@@ -63,7 +64,12 @@ def kernel_manager_class(env: Mapping[str, str] | None = None) -> type:
 
         async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
             kw["env"] = {**kw.get("env", os.environ), **extra_env}
-            await super()._async_launch_kernel(kernel_cmd, **kw)
+            if log is not None:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "ab") as fh:  # the child keeps its own copy of the descriptor
+                    await super()._async_launch_kernel(kernel_cmd, **kw, stderr=fh)
+            else:
+                await super()._async_launch_kernel(kernel_cmd, **kw)
             provisioner: Any = self.provisioner
             with _LOCK:
                 _RUNNING[provisioner.pid] = provisioner.pgid or provisioner.pid

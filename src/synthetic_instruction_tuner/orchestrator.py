@@ -136,10 +136,12 @@ def execute_notebook(
     cell_timeout: float | None = None,
     env: dict[str, str] | None = None,
     progress: Any = None,
+    log: Path | None = None,
 ) -> None:
     """Execute a percent-format file with papermill (papermill cannot read .py itself), in a kernel
     with `env` added to its environment that dies with this process. papermill logs each cell and
-    its output (see `console.StepLog`); `progress` also receives the kernel's stderr, where tqdm draws."""
+    its output (see `console.StepLog`); `progress` also receives the kernel's stderr, where tqdm draws;
+    the kernel process's own log lines go to `log`."""
     import jupytext
     import papermill as pm
 
@@ -158,7 +160,7 @@ def execute_notebook(
                 stderr_file=progress,
                 progress_bar=False,
                 execution_timeout=cell_timeout,
-                kernel_manager_class=kernel_manager_class(env),
+                kernel_manager_class=kernel_manager_class(env, log),
             )
     finally:
         forget_kernels()
@@ -213,6 +215,7 @@ def run_step(
                     cell_timeout,
                     env,
                     console.progress(step.name),
+                    log,
                 )
             except Exception as exc:
                 error = exc
@@ -320,7 +323,7 @@ def render_reports(
         started = time.monotonic()
         try:
             with StepLog(log, name):
-                execute_notebook(source, executed, parameters, progress=console.progress(name))
+                execute_notebook(source, executed, parameters, progress=console.progress(name), log=log)
             body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
         except Exception as exc:
             console.line(
