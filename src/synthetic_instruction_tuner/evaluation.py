@@ -166,10 +166,11 @@ def _adapter_lm_class() -> type:
             self, requests: Any, disable_tqdm: bool = False, override_bs: Any = None
         ) -> Any:
             # per input (as lm-eval cuts it), how many of its last positions are scored: only those
-            # need the vocabulary's logits (MMLU: 1 of ~1,000; Gemma's vocabulary is 262k wide)
+            # need the vocabulary's logits (MMLU: 1 of ~1,000; Gemma's vocabulary is 262k wide). Keyed
+            # by the input's hash: the whole of MMLU holds ~14M tokens, too many to keep as tuples
             self.scored_positions = {}
             for _, context, continuation in requests:
-                key = tuple((context + continuation)[-(self.max_length + 1) :][:-1])
+                key = hash(tuple((context + continuation)[-(self.max_length + 1) :][:-1]))
                 self.scored_positions[key] = max(self.scored_positions.get(key, 0), len(continuation))
             try:
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
@@ -184,7 +185,7 @@ def _adapter_lm_class() -> type:
             is_prompt_learning = getattr(config, "is_prompt_learning", False)
             keep = None
             if inps.shape[0] == 1 and not is_prompt_learning and attn_mask is None:
-                keep = getattr(self, "scored_positions", {}).get(tuple(inps[0].tolist()))
+                keep = getattr(self, "scored_positions", {}).get(hash(tuple(inps[0].tolist())))
             with self._heartbeat(f"evaluating: scoring {inps.shape[0]} sequences"):
                 if not keep:
                     logits = super()._model_call(inps, attn_mask, labels)
