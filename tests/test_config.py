@@ -104,6 +104,12 @@ def test_scorer_needs_a_reward_model():
 def test_sft_data_and_dpo_loss_settings_are_checked():
     with pytest.raises(ConfigError, match=r"sft_data\.backtranslation_share must be within"):
         load_config("smoke", ["sft_data.backtranslation_share=1.5"])
+    with pytest.raises(ConfigError, match=r"sft_data\.repeat_share must be within"):
+        load_config("smoke", ["sft_data.repeat_share=-0.1"])
+    with pytest.raises(ConfigError, match=r"sft_data\.constraint_ids has unsupported id 'startend:nope'"):
+        load_config(
+            "smoke", ["sft_data.constraint_ids=[startend:nope,punctuation:no_comma,startend:quotation]"]
+        )
     with pytest.raises(ConfigError, match=r"one weight per dpo\.loss_type"):
         load_config("smoke", ["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0]"])
     cfg = load_config("smoke", ["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0,0.5]"])

@@ -6,6 +6,7 @@ import pytest
 from conftest import kill_when, run_cli
 
 from synthetic_instruction_tuner import constraints as ic
+from synthetic_instruction_tuner import format_edits as fe
 from synthetic_instruction_tuner.config import load_config
 from synthetic_instruction_tuner.preferences import (
     SFT_SOURCES,
@@ -267,6 +268,39 @@ def test_variants_back_translate_each_answer_again_and_stay_on_one_side_of_the_s
     # one variant per answer is the row set step 04 wrote before variants existed
     single = sft_train_rows(records, {}, {}, load_config("smoke", ["sft_data.backtranslation_share=1.0"]))
     assert single == [r for r in rows if "~" not in r["id"]]
+
+
+def test_repeat_rows_open_with_the_request_and_keep_to_families_allowed_beside_it():
+    records = [
+        {
+            "id": f"r{i}",
+            "instruction": f"Give me advice number {i} about keeping a garden healthy.",
+            "response": "Water the beds early in the morning. Pull weeds before they seed. Mulch keeps "
+            f"the soil moist for {i + 2} days longer. Rotate crops every year.",
+        }
+        for i in range(12)
+    ]
+    sets = ["sft_data.backtranslation_share=1.0", "sft_data.repeat_share=1.0"]
+    rows = sft_train_rows(records, {}, {}, load_config("smoke", sets))
+    repeated = [r for r in rows if "combination:repeat_prompt" in r["edited"]]
+    assert len(repeated) >= 8  # a few drew no-comma or a word count the request itself breaks
+    beside = set(fe.beside_repeat(None))
+    for row in repeated:
+        prompt, answer = (m["content"] for m in row["messages"])
+        request = prompt.rsplit("\n\nFirst repeat the request word for word", 1)[0]
+        assert answer.startswith(request + "\n\n") and request.startswith("Give me advice number")
+        ids = [c["instruction_id"] for c in row["constraints"]]
+        assert ids[-1] == "combination:repeat_prompt" and set(ids[:-1]) <= beside
+        cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]
+        assert all(ic.check(answer, cons))
+    # the sweep's families do not bound SFT's; sft_data.constraint_ids does
+    cfg = load_config("smoke", ["sft_data.backtranslation_share=1.0", "sft_data.variants=4"])
+    families = {c["instruction_id"] for r in sft_train_rows(records, {}, {}, cfg) for c in r["constraints"]}
+    assert len(families) > 12
+    narrow = ["sft_data.constraint_ids=[punctuation:no_comma,detectable_format:title,startend:quotation]"]
+    cfg = load_config("smoke", [*narrow, "sft_data.backtranslation_share=1.0"])
+    families = {c["instruction_id"] for r in sft_train_rows(records, {}, {}, cfg) for c in r["constraints"]}
+    assert families == {"punctuation:no_comma", "detectable_format:title", "startend:quotation"}
 
 
 def test_combined_scores():

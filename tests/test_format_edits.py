@@ -2,6 +2,7 @@
 and edit_in returns only constraints its edited response meets."""
 
 import random
+import re
 
 import pytest
 
@@ -57,13 +58,13 @@ def test_layouts_keep_the_answer_and_put_things_where_a_reader_expects_them():
     assert " ".join(sections.split()).count("Basil likes at least six hours of sun") == 1
 
 
-def test_placeholders_open_the_answer_as_a_memo_header_meeting_any_heldout_count():
-    text, _ = fe.EDITORS["detectable_content:number_placeholders"](ANSWER, "", random.Random(2))
-    head, body = text.split("\n\n", 1)
-    assert head == "To: [recipient]\nFrom: [your name]\nDate: [date]" and body == ANSWER
-    for count in (1, 2, 3):  # the held-out range, all met by the one header
-        constraint = ic.Constraint("detectable_content:number_placeholders", {"num_placeholders": count})
-        assert ic.check(text, [constraint]) == [True]
+def test_placeholders_are_the_answers_own_words_made_slots_where_they_stand():
+    for seed in range(5):
+        text, kwargs = fe.EDITORS["detectable_content:number_placeholders"](ANSWER, "", random.Random(seed))
+        slots = re.findall(r"\[([A-Za-z]+)\]", text)
+        assert len(slots) == kwargs["num_placeholders"] and 1 <= len(slots) <= 3
+        assert text.replace("[", "").replace("]", "") == ANSWER  # nothing added on top or below
+        assert not text.startswith("[")
 
 
 def test_edits_give_up_on_answers_that_offer_nothing():

@@ -159,6 +159,13 @@ class SftDataConfig:
     # rows per training answer: each beyond the first is another back-translation of it (other
     # constraints, other edits), so a small set shows each format more often than repeating rows would
     variants: int = 1
+    # families SFT rows may carry (None: every supported one). Apart from the sweep's
+    # preferences.constraint_ids, which keep to what the generator meets some of the time: an edit
+    # or a derivation meets any family, so SFT can show all of IFEval's checkable ones
+    constraint_ids: list[str] | None = None
+    # share of back-translated rows whose answer first repeats the request, asked for in IFEval's
+    # wording (combination:repeat_prompt: 41 of its 541 prompts)
+    repeat_share: float = 0.0
 
 
 @dataclass
@@ -472,6 +479,18 @@ def native_cpu_dtype() -> str:
     return "bfloat16" if native else "float32"
 
 
+def _check_ids(ids: list[str] | None, key: str, max_constraints: int, source: str) -> None:
+    if ids is None:
+        return
+    from .constraints import SUPPORTED_IDS
+
+    unknown = [i for i in ids if i not in SUPPORTED_IDS]
+    if unknown:
+        raise ConfigError(f"{source}: {key} has unsupported id {unknown[0]!r}")
+    if len(ids) < max_constraints:
+        raise ConfigError(f"{source}: {key} has fewer ids than max_constraints")
+
+
 def _check_consistency(cfg: Config, source: str) -> None:
     p = cfg.preferences
     if p.scorer in ("reward_model", "both") and not cfg.models.reward_model:
@@ -480,14 +499,7 @@ def _check_consistency(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: preferences.constraint_share must be within [0, 1]")
     if p.min_constraints > p.max_constraints:
         raise ConfigError(f"{source}: preferences.min_constraints exceeds preferences.max_constraints")
-    if p.constraint_ids is not None:
-        from .constraints import SUPPORTED_IDS
-
-        unknown = [i for i in p.constraint_ids if i not in SUPPORTED_IDS]
-        if unknown:
-            raise ConfigError(f"{source}: preferences.constraint_ids has unsupported id {unknown[0]!r}")
-        if len(p.constraint_ids) < p.max_constraints:
-            raise ConfigError(f"{source}: preferences.constraint_ids has fewer ids than max_constraints")
+    _check_ids(p.constraint_ids, "preferences.constraint_ids", p.max_constraints, source)
     if cfg.filtering.contamination_ngram < 1:
         raise ConfigError(f"{source}: filtering.contamination_ngram must be at least 1")
     d = cfg.sft_data
@@ -495,6 +507,9 @@ def _check_consistency(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: sft_data.backtranslation_share must be within [0, 1]")
     if d.variants < 1:
         raise ConfigError(f"{source}: sft_data.variants must be at least 1")
+    if not 0 <= d.repeat_share <= 1:
+        raise ConfigError(f"{source}: sft_data.repeat_share must be within [0, 1]")
+    _check_ids(d.constraint_ids, "sft_data.constraint_ids", d.max_constraints, source)
     if not 1 <= d.min_constraints <= d.max_constraints:
         raise ConfigError(f"{source}: sft_data needs 1 <= min_constraints <= max_constraints")
     if len(cfg.dpo.loss_weights or cfg.dpo.loss_type) != len(cfg.dpo.loss_type):

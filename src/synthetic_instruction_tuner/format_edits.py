@@ -8,10 +8,10 @@ Title>>`` on top, its last sentence moved into a ``P.S.``, its sentences as ``*`
 ``Section 1``/``Section 2`` headers is still the teacher's content, now in the requested shape.
 Keywords are edited in too, as an opening line naming words the prompt then asks for: a keyword read
 off the answer is one it used anyway, and teaches nothing about using a word because it was asked.
-Placeholders come as a ``To/From/Date`` memo header. Both open the answer because a student that
-repeats itself or runs to the evaluation's token limit never reaches a closing line: titles and
-sections, which open an answer, were learned (20/24, 23/24 held-out instructions met), a closing
-keywords line and a ``[your name]`` sign-off were not (12/34, 0/31).
+Placeholders are content words made ``[slots]`` in place. The keywords line opens the answer
+because a student that repeats itself or runs to the evaluation's token limit never reaches a
+closing line: titles and sections, which open an answer, were learned (20/24, 23/24 held-out
+instructions met), a closing keywords line and a ``[your name]`` sign-off were not (12/34, 0/31).
 This follows the rule-based rewriting of instruction-following data in Conifer and AutoIF's
 verified augmentation: every edit is confirmed by lm-eval's own checker (`constraints.check`), and
 an edit that the checker rejects, alone or together with the prompt's other constraints, is dropped.
@@ -106,14 +106,19 @@ def _postscript(response: str, instruction: str, rng: random.Random) -> Edit | N
     return f"{body}\n\n{marker} {note}", {"postscript_marker": marker}
 
 
-# A memo header: three slots, so every "at least 1-3" request is met, on top of the answer where a
-# student writes them before a 96-token limit or a repetition loop cuts the answer off.
-_HEADER = "To: [recipient]\nFrom: [your name]\nDate: [date]"
-
-
 def _placeholders(response: str, instruction: str, rng: random.Random) -> Edit | None:
-    """The answer under a ``To/From/Date`` header whose fields are ``[placeholders]``."""
-    return f"{_HEADER}\n\n{response.strip()}", {"num_placeholders": rng.randint(1, 3)}
+    """1-3 of the answer's content words made ``[slots]`` where they first occur, as in a template
+    for the reader to fill in. Inline, not a header on top: a memo header (``To: [recipient]``...)
+    in 9% of training answers opened 112 of 300 IFEval answers of the student, most of which asked
+    for no placeholder at all."""
+    words = sorted(bt._content_words(response))
+    if not words:
+        return None
+    text = response.strip()
+    picked = rng.sample(words, rng.randint(1, min(3, len(words))))
+    for word in picked:
+        text = re.sub(rf"\b({word})\b", r"[\1]", text, count=1, flags=re.IGNORECASE)
+    return text, {"num_placeholders": len(picked)}
 
 
 def _bullets(response: str, instruction: str, rng: random.Random) -> Edit | None:
@@ -209,6 +214,39 @@ def _end_phrase(response: str, instruction: str, rng: random.Random) -> Edit | N
     return f"{response.strip()} {phrase}", {"end_phrase": phrase}
 
 
+def _no_comma(response: str, instruction: str, rng: random.Random) -> Edit | None:
+    """Commas dropped: one before a space reads as a pause without it ("First we plan then we
+    go"), one inside a number ("1,000") becomes nothing."""
+    return re.sub(r",(?=\s)", "", response.strip()).replace(",", ""), {}
+
+
+REPEAT_ID = "combination:repeat_prompt"
+
+
+def beside_repeat(allowed: Sequence[str] | None) -> list[str]:
+    """The families of ``allowed`` (default: all supported) that may share a prompt with
+    repeat_prompt under IFEval's registry (a title, keywords, no commas)."""
+    table = ic.conflicts()
+    return [f for f in (allowed or ic.SUPPORTED_IDS) if f not in table[REPEAT_ID]]
+
+
+def repeat_request(
+    prompt: str, response: str, chosen: Sequence[ic.Constraint]
+) -> tuple[str, str, ic.Constraint] | None:
+    """The prompt with IFEval's repeat-the-request instruction appended, and the response opened by
+    the request word for word: the prompt, constraints included, as IFEval's 41 such prompts have
+    it. None when the repeated text would break another of the row's constraints (a comma, a
+    capital letter, a word count) or IFEval's registry rules the pair out."""
+    table = ic.conflicts()
+    if any(c.instruction_id in table[REPEAT_ID] for c in chosen):
+        return None
+    constraint = ic.Constraint(REPEAT_ID, {"prompt_to_repeat": prompt.strip()})
+    text = f"{prompt.strip()}\n\n{response.strip()}"
+    if not all(ic.check(text, [*chosen, constraint])):
+        return None
+    return ic.add_constraints(prompt, [constraint]), text, constraint
+
+
 # How each family is edited into a response: (edited response, kwargs), or None when the response
 # gives nothing to edit. Families missing here are only ever derived (backtranslation.DERIVERS).
 EDITORS: dict[str, Editor] = {
@@ -222,6 +260,7 @@ EDITORS: dict[str, Editor] = {
     "length_constraints:number_paragraphs": _paragraphs,
     "change_case:capital_word_frequency": _capitals,
     "startend:end_checker": _end_phrase,
+    "punctuation:no_comma": _no_comma,
     "change_case:english_lowercase": lambda r, i, rng: (r.strip().lower(), {}),
     "change_case:english_capital": lambda r, i, rng: (r.strip().upper(), {}),
     "startend:quotation": lambda r, i, rng: (f'"{r.strip()}"', {}),
@@ -229,8 +268,8 @@ EDITORS: dict[str, Editor] = {
 }
 
 # Edits run inside-out, so a later one wraps what an earlier one made: capitals and highlights first,
-# then the layout, then what goes around it (keywords line, memo header, title, postscript, closing
-# phrase), then the case, and quotes or JSON last of all.
+# then the layout, then what goes around it (keywords line, title, postscript, closing
+# phrase), then the commas and the case, and quotes or JSON last of all.
 _ORDER = (
     "change_case:capital_word_frequency",
     "detectable_format:number_highlighted_sections",
@@ -242,6 +281,7 @@ _ORDER = (
     "detectable_format:title",
     "detectable_content:postscript",
     "startend:end_checker",
+    "punctuation:no_comma",
     "change_case:english_lowercase",
     "change_case:english_capital",
     "startend:quotation",

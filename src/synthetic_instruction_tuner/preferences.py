@@ -468,14 +468,21 @@ def _backtranslated_row(
     if rng.random() >= d.backtranslation_share and not always:
         return None
     k = rng.randint(d.min_constraints, d.max_constraints)
-    allowed, response, edited = cfg.preferences.constraint_ids, record["response"], []
+    allowed, response, edited = d.constraint_ids, record["response"], []
+    # its own stream, so the share leaves every other row's draws as they were
+    repeat = _rng(cfg.seed, "repeat", row_id).random() < d.repeat_share
+    if repeat:  # the request repeated, plus up to k - 1 families IFEval's registry lets beside it
+        allowed, k = fe.beside_repeat(allowed), k - 1
     if d.format_edits:
         response, cons, edited = fe.edit_in(record["instruction"], response, rng, k, allowed)
     else:
         cons = bt.backtranslate(response, rng, k, allowed)
+    prompt = ic.add_constraints(record["instruction"], cons)
+    if repeat and (repeated := fe.repeat_request(prompt, response, cons)) is not None:
+        prompt, response, constraint = repeated
+        cons, edited = [*cons, constraint], [*edited, fe.REPEAT_ID]
     if not cons:
         return None
-    prompt = ic.add_constraints(record["instruction"], cons)
     return _sft_row(row_id, prompt, response, "back_translation", cons, edited)
 
 
