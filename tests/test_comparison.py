@@ -126,3 +126,15 @@ def test_an_answer_that_restates_the_request_is_counted_as_a_prompt_echo(tmp_pat
     write_jsonl(paths.eval / "samples" / "base" / "mmlu.jsonl", [scored])
     table = prompt_echo_table(paths, ["base", "dpo"])
     assert table == {"base": {"ifeval": {"answers": 4, "echo": 3, "echo_share": 0.75, "echo_asked": 1}}}
+
+
+def test_differences_that_round_to_zero_print_without_a_sign():
+    from synthetic_instruction_tuner.reporting import _signed
+
+    assert [_signed(x) for x in (-0.0004, 0.0, 0.0004, -0.0371, 0.113)] == [
+        "0.000",
+        "0.000",
+        "0.000",
+        "\u22120.037",
+        "+0.113",
+    ]

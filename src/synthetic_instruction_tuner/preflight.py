@@ -461,7 +461,10 @@ class Preflight:
             "02_generate_responses",
             lambda: self.generation_row(prompt, c.responses.sampling.max_new_tokens),
         )
-        self.add("03_filter", lambda: Row("", "rule filters and MinHash near-duplicates (no model)"))
+        self.add(
+            "03_filter",
+            lambda: Row("", "rule filters, MinHash near-duplicates, benchmark n-gram overlap (no model)"),
+        )
         self.add("04_build_preferences", self.preferences_row)
         self.add("05_sft_lora", lambda: self.sft_row(prompt_tuning=False))
         self.add("05b_prompt_tuning", lambda: self.sft_row(prompt_tuning=True))

@@ -431,8 +431,9 @@ def comparison_tables(paths: RunPaths) -> list[Any]:
 
 
 def _signed(x: float) -> str:
-    """A difference with its sign (a true minus sign); exactly zero has none."""
-    return "0.000" if x == 0 else f"{x:+.3f}".replace("-", "\u2212")
+    """A difference with its sign (a true minus sign); one that rounds to zero has none."""
+    text = f"{x:+.3f}"
+    return "0.000" if float(text) == 0 else text.replace("-", "\u2212")
 
 
 def paired_frames(summary: dict) -> dict[str, Any]:
