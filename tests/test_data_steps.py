@@ -8,6 +8,7 @@ from conftest import kill_when, run_cli
 from synthetic_instruction_tuner import constraints as ic
 from synthetic_instruction_tuner import format_edits as fe
 from synthetic_instruction_tuner.config import load_config
+from synthetic_instruction_tuner.contamination import split_prompt
 from synthetic_instruction_tuner.preferences import (
     SFT_SOURCES,
     SKIP_REASONS,
@@ -287,8 +288,16 @@ def test_repeat_rows_open_with_the_request_and_keep_to_families_allowed_beside_i
     beside = set(fe.beside_repeat(None))
     for row in repeated:
         prompt, answer = (m["content"] for m in row["messages"])
-        request = prompt.rsplit("\n\nFirst repeat the request word for word", 1)[0]
-        assert answer.startswith(request + "\n\n") and request.startswith("Give me advice number")
+        request = row["constraints"][-1]["kwargs"]["prompt_to_repeat"]
+        assert prompt.startswith(request) and answer.startswith(request + "\n\n")
+        cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]
+        # the contamination check reads the task text apart from the constraint wording
+        task, wording = split_prompt(prompt, cons)
+        assert task == records[int(row["record_id"][1:])]["instruction"]
+        assert wording.endswith(
+            "(1. do not say any words or characters before repeating the request; "
+            "2. the request you need to repeat does not include this sentence)"
+        )
         ids = [c["instruction_id"] for c in row["constraints"]]
         assert ids[-1] == "combination:repeat_prompt" and set(ids[:-1]) <= beside
         cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]

@@ -231,20 +231,23 @@ def beside_repeat(allowed: Sequence[str] | None) -> list[str]:
 
 
 def repeat_request(
-    prompt: str, response: str, chosen: Sequence[ic.Constraint]
+    instruction: str, response: str, chosen: Sequence[ic.Constraint]
 ) -> tuple[str, str, ic.Constraint] | None:
-    """The prompt with IFEval's repeat-the-request instruction appended, and the response opened by
-    the request word for word: the prompt, constraints included, as IFEval's 41 such prompts have
-    it. None when the repeated text would break another of the row's constraints (a comma, a
-    capital letter, a word count) or IFEval's registry rules the pair out."""
+    """The prompt with IFEval's repeat-the-request instruction after the others, and the response
+    opened by the request word for word: the instruction and the other constraints' wording, as
+    IFEval's 41 such prompts have it. None when the repeated text would break another of the row's
+    constraints (a comma, a capital letter, a word count) or IFEval's registry rules the pair out."""
     table = ic.conflicts()
     if any(c.instruction_id in table[REPEAT_ID] for c in chosen):
         return None
-    constraint = ic.Constraint(REPEAT_ID, {"prompt_to_repeat": prompt.strip()})
-    text = f"{prompt.strip()}\n\n{response.strip()}"
+    request = ic.add_constraints(instruction, chosen).strip()
+    constraint = ic.Constraint(REPEAT_ID, {"prompt_to_repeat": request})
+    text = f"{request}\n\n{response.strip()}"
     if not all(ic.check(text, [*chosen, constraint])):
         return None
-    return ic.add_constraints(prompt, [constraint]), text, constraint
+    # one description block, as add_constraints writes it, so the contamination check can tell the
+    # task text from the constraint wording
+    return ic.add_constraints(instruction, [*chosen, constraint]), text, constraint
 
 
 # How each family is edited into a response: (edited response, kwargs), or None when the response

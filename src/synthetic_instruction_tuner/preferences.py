@@ -478,7 +478,7 @@ def _backtranslated_row(
     else:
         cons = bt.backtranslate(response, rng, k, allowed)
     prompt = ic.add_constraints(record["instruction"], cons)
-    if repeat and (repeated := fe.repeat_request(prompt, response, cons)) is not None:
+    if repeat and (repeated := fe.repeat_request(record["instruction"], response, cons)) is not None:
         prompt, response, constraint = repeated
         cons, edited = [*cons, constraint], [*edited, fe.REPEAT_ID]
     if not cons:
