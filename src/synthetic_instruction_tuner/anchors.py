@@ -126,9 +126,10 @@ def anchor_rows(cfg: Config, summary: dict) -> list[dict[str, Any]]:
                     "model card (%)": "–" if card.value is None else f"{card.value:.1f}",
                     "card's metric and setting": f"{card.metric}; {card.setting}",
                     "this run differs in": _differences(cfg, ref, card.benchmark),
-                    "gap (points)": None
+                    # text, as the other columns: a float column with gaps renders as -7.700
+                    "gap (points)": "–"
                     if ours is None or card.value is None
-                    else round(ours[0] - card.value, 1),
+                    else f"{ours[0] - card.value:+.1f}".replace("-", "\u2212"),
                     "source": card.source,
                 }
             )
