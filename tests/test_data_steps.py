@@ -241,19 +241,24 @@ def test_sft_mix_is_written_with_its_sources(smoke_run):
     )
 
 
-def test_variants_back_translate_each_answer_again_and_stay_on_one_side_of_the_split():
-    from synthetic_instruction_tuner.training import _split
-
-    cfg = load_config("smoke", ["sft_data.variants=3", "sft_data.backtranslation_share=1.0"])
-    records = [
+def _garden_records(n: int) -> list[dict[str, str]]:
+    """`n` sft.jsonl rows: a request and a four-sentence answer, numbered apart."""
+    return [
         {
             "id": f"r{i}",
             "instruction": f"Give me advice number {i} about keeping a garden healthy.",
             "response": "Water the beds early in the morning. Pull weeds before they seed. Mulch keeps "
             f"the soil moist for {i + 2} days longer. Rotate crops every year.",
         }
-        for i in range(6)
+        for i in range(n)
     ]
+
+
+def test_variants_back_translate_each_answer_again_and_stay_on_one_side_of_the_split():
+    from synthetic_instruction_tuner.training import _split
+
+    cfg = load_config("smoke", ["sft_data.variants=3", "sft_data.backtranslation_share=1.0"])
+    records = _garden_records(6)
     rows = sft_train_rows(records, {}, {}, cfg)
     assert [r["id"] for r in rows[:3]] == ["r0", "r0~2", "r0~3"] and len(rows) == 18
     assert {r["record_id"] for r in rows} == {f"r{i}" for i in range(6)}
@@ -272,15 +277,7 @@ def test_variants_back_translate_each_answer_again_and_stay_on_one_side_of_the_s
 
 
 def test_repeat_rows_open_with_the_request_and_keep_to_families_allowed_beside_it():
-    records = [
-        {
-            "id": f"r{i}",
-            "instruction": f"Give me advice number {i} about keeping a garden healthy.",
-            "response": "Water the beds early in the morning. Pull weeds before they seed. Mulch keeps "
-            f"the soil moist for {i + 2} days longer. Rotate crops every year.",
-        }
-        for i in range(12)
-    ]
+    records = _garden_records(12)
     sets = ["sft_data.backtranslation_share=1.0", "sft_data.repeat_share=1.0"]
     rows = sft_train_rows(records, {}, {}, load_config("smoke", sets))
     repeated = [r for r in rows if "combination:repeat_prompt" in r["edited"]]
