@@ -299,6 +299,13 @@ def test_repeat_rows_open_with_the_request_and_keep_to_families_allowed_beside_i
         assert ids[-1] == "combination:repeat_prompt" and set(ids[:-1]) <= beside
         cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]
         assert all(ic.check(answer, cons))
+    # with no family allowed beside it, a repeat row asks for the repeat alone
+    apart = [
+        "sft_data.constraint_ids=[startend:quotation,detectable_format:json_format,change_case:english_capital]"
+    ]
+    rows = sft_train_rows(records, {}, {}, load_config("smoke", [*sets, *apart]))
+    alone = [r for r in rows if "combination:repeat_prompt" in r["edited"]]
+    assert len(alone) == len(records) and all(len(r["constraints"]) == 1 for r in alone)
     # the sweep's families do not bound SFT's; sft_data.constraint_ids does
     cfg = load_config("smoke", ["sft_data.backtranslation_share=1.0", "sft_data.variants=4"])
     families = {c["instruction_id"] for r in sft_train_rows(records, {}, {}, cfg) for c in r["constraints"]}

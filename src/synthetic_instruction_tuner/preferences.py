@@ -472,7 +472,8 @@ def _backtranslated_row(
     # its own stream, so the share leaves every other row's draws as they were
     repeat = _rng(cfg.seed, "repeat", row_id).random() < d.repeat_share
     if repeat:  # the request repeated, plus up to k - 1 families IFEval's registry lets beside it
-        allowed, k = fe.beside_repeat(allowed), k - 1
+        allowed = fe.beside_repeat(allowed)
+        k = k - 1 if allowed else 0  # an empty list would let edit_in draw from every family
     if d.format_edits:
         response, cons, edited = fe.edit_in(record["instruction"], response, rng, k, allowed)
     else:
