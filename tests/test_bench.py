@@ -51,3 +51,12 @@ def test_sft_bench_names_a_missing_run(tmp_path):
     done = _bench("sft", "--profile", "smoke", "--run-dir", str(tmp_path / "nothing"), "--steps", "1")
     assert done.returncode != 0
     assert done.stderr.strip().count("\n") == 0 and "nothing" in done.stderr
+
+
+def test_answering_bench_prints_both_models_and_how_many_answers_agree():
+    done = _bench("answering", "--profile", "smoke", "--task", "sit_ifbench")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for label in ("lm-eval hf", "step 07"):
+        assert re.search(rf"^{label}: [\d.]+ s, prompt strict [\d.]+$", done.stdout, re.M)
+    got = re.search(r"speed [\d.]+x on (\d+) prompts; (\d+) answers identical", done.stdout)
+    assert got and int(got[1]) > 0 and int(got[2]) == int(got[1])

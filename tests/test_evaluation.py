@@ -318,6 +318,48 @@ def test_scoring_computes_the_output_layer_on_scored_positions_only_with_the_sam
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in full], abs=1e-5)
 
 
+def test_padding_groups_keep_each_row_within_twice_its_length():
+    from synthetic_instruction_tuner.evaluation import padding_groups
+
+    assert padding_groups([150, 2000, 60, 140, 100]) == [[1], [0, 3, 4], [2]]
+    assert padding_groups([30, 31, 29]) == [[1, 0, 2]]
+
+
+def test_a_long_prompt_no_longer_pads_its_batch_and_answers_stay_the_same():
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from synthetic_instruction_tuner.config import load_config
+    from synthetic_instruction_tuner.evaluation import _adapter_lm_class
+    from synthetic_instruction_tuner.models import load_causal_lm, load_tokenizer, resolve_model
+
+    path = resolve_model(load_config("smoke", []).models.target).path
+    model = load_causal_lm(path, "float32", "cpu", False)
+    tokenizer = load_tokenizer(path)
+    prompts = ["Tell me about rivers. " * 40, "Name a colour.", "Write a short poem about rain.", "Hi there."]
+    gen = {"until": [], "do_sample": False, "max_gen_toks": 6}
+    requests = [
+        Instance("generate_until", {}, (text, gen), idx=i, metadata=("t", i, 1))
+        for i, text in enumerate(prompts)
+    ]
+    positions = []
+    model.register_forward_hook(
+        lambda _m, args, kw, _o: positions.append(
+            (kw.get("input_ids") if kw.get("input_ids") is not None else args[0]).numel()
+        ),
+        with_kwargs=True,
+    )
+    grouped = _adapter_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=4).generate_until(
+        requests
+    )
+    computed, positions[:] = sum(positions), []
+    padded = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4).generate_until(requests)
+    assert grouped == padded
+    longest = len(tokenizer(prompts[0])["input_ids"])
+    assert sum(positions) > 4 * longest, "lm-eval pads every row to the longest prompt"
+    assert computed < 1.5 * longest + 6 * 4 * 2, "the short prompts are computed at their own length"
+
+
 def test_new_heldout_prompts_redo_only_the_tasks_built_from_them(tmp_path):
     from synthetic_instruction_tuner.config import load_config
     from synthetic_instruction_tuner.evaluation import task_fingerprint

@@ -270,6 +270,69 @@ def bench_scoring(profile: str, overrides: list[str], task: str) -> dict[str, An
     return {"speedup": base_s / ours_s, "largest_difference": largest, "accuracy": (base_acc, ours_acc)}
 
 
+def bench_answering(profile: str, overrides: list[str], task: str) -> dict[str, Any]:
+    """lm-eval's ``hf`` model against step 07's on a generation benchmark, the same greedy requests:
+    seconds, how many answers are identical, and prompt-level strict accuracy of each."""
+    import tempfile
+    from pathlib import Path
+
+    import lm_eval
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from .evaluation import _adapter_lm_class, _gen_kwargs, prepare_local_tasks
+    from .models import resolve_device
+    from .offline_tasks import write_offline_tasks
+    from .store import read_jsonl, run_paths
+    from .training import load_for_generation
+
+    cfg = load_config(profile, [*overrides, "evaluation.mode=local"])
+    device = resolve_device(cfg.hardware.device)
+    paths = run_paths(Path(tempfile.mkdtemp(prefix="sit-bench-answering-")))
+    if task == "ifeval":
+        tasks_dir = paths.eval / "tasks"
+        docs = write_offline_tasks(cfg, tasks_dir, [task])[task]
+    else:  # the project's IFBench task; this run has no held-out prompts of its own
+        paths.file("heldout.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        paths.file("heldout.jsonl").write_text("")
+        tasks_dir = prepare_local_tasks(cfg, paths)
+        docs = len(read_jsonl(tasks_dir / "data" / "ifbench.jsonl"))
+    manager = TaskManager(include_path=str(tasks_dir))
+    model, tokenizer = load_for_generation(cfg, paths, "base", device)
+    batch = cfg.evaluation.batch_size
+    print(
+        f"model {cfg.models.target} ({cfg.hardware.generation_dtype}, {device}); {task}: {docs} prompts, batch {batch}"
+    )
+    results: dict[str, tuple[float, list[str], float]] = {}
+    for label, cls in (("lm-eval hf", HFLM), ("step 07", _adapter_lm_class())):
+        lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[task],
+                log_samples=True,
+                gen_kwargs=_gen_kwargs(cfg, task),
+                apply_chat_template=True,
+                task_manager=manager,
+                bootstrap_iters=0,
+                random_seed=cfg.seed,
+            )
+        seconds = time.perf_counter() - started
+        rows = sorted(out["samples"][task], key=lambda row: row["doc_id"])
+        accuracy = sum(row["prompt_level_strict_acc"] for row in rows) / len(rows)
+        results[label] = (seconds, [row["resps"][0][0] for row in rows], accuracy)
+        print(f"{label}: {seconds:.1f} s, prompt strict {accuracy:.3f}", flush=True)
+    (base_s, base_text, base_acc), (ours_s, ours_text, ours_acc) = results.values()
+    same = sum(a == b for a, b in zip(base_text, ours_text, strict=True))
+    print(
+        f"step 07 / lm-eval hf: speed {base_s / ours_s:.2f}x on {len(base_text)} prompts; "
+        f"{same} answers identical; prompt strict {ours_acc:.3f} vs {base_acc:.3f}"
+    )
+    return {"speedup": base_s / ours_s, "identical": same, "accuracy": (base_acc, ours_acc)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m synthetic_instruction_tuner.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -281,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     scoring.add_argument("--profile", default="cpu")
     scoring.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     scoring.add_argument("--task", default="mmlu", choices=("mmlu", "truthfulqa_mc2", "hellaswag"))
+    answering = sub.add_parser("answering", help="lm-eval's hf model vs step 07's on a generation benchmark")
+    answering.add_argument("--profile", default="cpu")
+    answering.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    answering.add_argument("--task", default="sit_ifbench", choices=("ifeval", "sit_ifbench"))
     for name in ("sft", "_sft_worker"):
         sft = sub.add_parser(
             name, help="the project's SFT setup vs TRL's defaults" if name == "sft" else None
@@ -306,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_generation(args.profile, args.overrides, args.num_outputs)
         elif args.what == "scoring":
             bench_scoring(args.profile, args.overrides, args.task)
+        elif args.what == "answering":
+            bench_answering(args.profile, args.overrides, args.task)
         elif args.what == "sft":
             bench_sft(args.profile, args.overrides, args.run_dir, args.steps, args.variant)
         elif args.what == "_sft_worker":

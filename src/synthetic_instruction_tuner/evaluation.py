@@ -132,6 +132,51 @@ def count_endings(continuations: Any, eos_id: int, pad_id: int | None) -> dict[s
     return {"ended_with_eos": ended, "generations": len(continuations), "new_tokens": new_tokens}
 
 
+def padding_groups(lengths: list[int], waste: float = 2.0) -> list[list[int]]:
+    """Rows of one generation batch, by length, split so that no row is padded past ``waste`` times
+    its own length. lm-eval pads a batch to its longest prompt: one IFBench prompt of ~2,000 tokens
+    among fifty of ~150 made every row of that batch compute ~2,000 positions."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] <= waste * max(lengths[i], 1):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _left_padded(mask: Any) -> bool:
+    """Whether every row's real tokens are its last ones (lm-eval pads generation batches left)."""
+    return bool((mask.flip(1).cumprod(dim=1).sum(dim=1) == mask.sum(dim=1)).all())
+
+
+def generate_in_groups(generate: Any, context: Any, mask: Any, max_length: int, pad_id: int) -> Any:
+    """``generate(context, mask, max_length)`` over a left-padded batch, run per `padding_groups`
+    group with each group's own padding only, reassembled in lm-eval's shape: every row's new tokens
+    start at column ``context.shape[1]``, and rows that stopped early are padded after them."""
+    import torch
+
+    width, new = context.shape[1], max_length - context.shape[1]
+    lengths = mask.sum(dim=1).tolist()
+    groups = padding_groups(lengths)
+    if len(groups) == 1:
+        return generate(context, mask, max_length)
+    parts = []
+    for rows in groups:
+        keep = max(lengths[i] for i in rows)
+        index = torch.tensor(rows, device=context.device)
+        out = generate(context[index, width - keep :], mask[index, width - keep :], keep + new)
+        parts.append((index, keep, out))
+    longest = max(out.shape[1] - keep for _, keep, out in parts)
+    result = torch.full(
+        (context.shape[0], width + longest), pad_id, dtype=context.dtype, device=context.device
+    )
+    for index, keep, out in parts:
+        result[index, width - keep : width - keep + out.shape[1]] = out
+    return result
+
+
 def _adapter_lm_class() -> type:
     from lm_eval.models.huggingface import HFLM
 
@@ -151,8 +196,20 @@ def _adapter_lm_class() -> type:
             )
 
         def _model_generate(self, context: Any, max_length: int, stop: list[str], **kwargs: Any) -> Any:
+            mask = kwargs.pop("attention_mask", None)
+
+            def generate(ids: Any, attention: Any, limit: int) -> Any:
+                # lm-eval's own call (stop sequences, greedy settings), which edits its kwargs
+                extra = dict(kwargs) if attention is None else {**kwargs, "attention_mask": attention}
+                return super(AdapterLM, self)._model_generate(ids, limit, stop, **extra)
+
             with self._heartbeat(f"evaluating: generating for {context.shape[0]} prompts"):
-                output = super()._model_generate(context, max_length, stop, **kwargs)
+                if mask is None or not _left_padded(mask):
+                    output = generate(context, mask, max_length)
+                else:
+                    output = generate_in_groups(
+                        generate, context, mask, max_length, self.tokenizer.pad_token_id
+                    )
             counts = count_endings(
                 output[:, context.shape[1] :], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
             )
