@@ -109,3 +109,17 @@ def test_every_step_says_what_it_does_in_a_few_words():
     assert titles["01_generate_instructions"] == "Magpie instructions"
     assert titles["05_sft_lora"] == "LoRA SFT"
     assert all(0 < len(title.split()) <= 8 and not title.startswith("Step") for title in titles.values())
+
+
+def test_a_kernels_own_log_lines_go_to_the_step_log_not_the_console(tmp_path, capfd):
+    from synthetic_instruction_tuner.orchestrator import execute_notebook
+
+    source = tmp_path / "step.py"
+    source.write_text(
+        "# %%\nfrom ipykernel.kernelapp import IPKernelApp\n\n"
+        'IPKernelApp.instance().log.warning("a line of the kernel process")\nprint("cell output")\n'
+    )
+    log = tmp_path / "logs" / "step.log"
+    execute_notebook(source, tmp_path / "step.ipynb", {}, progress=io.StringIO(), log=log)
+    assert "a line of the kernel process" in log.read_text()
+    assert "a line of the kernel process" not in capfd.readouterr().err
