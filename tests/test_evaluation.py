@@ -318,6 +318,39 @@ def test_scoring_computes_the_output_layer_on_scored_positions_only_with_the_sam
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in full], abs=1e-5)
 
 
+def test_answers_after_one_context_are_scored_on_one_cached_pass_over_it():
+    from lm_eval.models.huggingface import HFLM
+
+    from synthetic_instruction_tuner.config import load_config
+    from synthetic_instruction_tuner.evaluation import _adapter_lm_class
+    from synthetic_instruction_tuner.models import load_causal_lm, load_tokenizer, resolve_model
+
+    path = resolve_model(load_config("smoke", []).models.target).path
+    model = load_causal_lm(path, "float32", "cpu", False)
+    tokenizer = load_tokenizer(path)
+    ids = tokenizer("Q: What colour is the sky on a clear day? A: It is blue. Q: Why is it blue? A:")[
+        "input_ids"
+    ]
+    answers = [" Because of scattering.", " It reflects the sea.", " Nobody knows why."]
+    # TruthfulQA MC2's shape: one context, several answers of several tokens
+    requests = [(("q", a), ids, tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    widths = []
+    model.register_forward_hook(
+        lambda _m, args, kw, _o: widths.append((kw.get("input_ids") if args == () else args[0]).shape[1]),
+        with_kwargs=True,
+    )
+    got = _adapter_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=1)._loglikelihood_tokens(
+        requests
+    )
+    answer_lengths = sorted(len(r[2]) for r in requests)
+    assert sorted(widths) == sorted([len(ids) - 1, *answer_lengths]), "the context once, then each answer"
+    widths.clear()
+    full = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)._loglikelihood_tokens(requests)
+    assert sorted(widths) == sorted(len(ids) + n - 1 for n in answer_lengths)
+    assert [g for _, g in got] == [f for _, f in full]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in full], abs=1e-4)
+
+
 def test_padding_groups_keep_each_row_within_twice_its_length():
     from synthetic_instruction_tuner.evaluation import padding_groups
 

@@ -230,16 +230,40 @@ def _adapter_lm_class() -> type:
                 key = hash(tuple((context + continuation)[-(self.max_length + 1) :][:-1]))
                 self.scored_positions[key] = max(self.scored_positions.get(key, 0), len(continuation))
             try:
-                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+                if self.batch_size != 1 or _prompt_learning(self.model):
+                    return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+                return self._per_context(requests, disable_tqdm)
             finally:
-                self.scored_positions = {}
+                self.scored_positions, self.shared_prefix = {}, None
+
+        def _per_context(self, requests: Any, disable_tqdm: bool) -> list:
+            """lm-eval's scoring run one context at a time, so that a context's answers of several
+            tokens (TruthfulQA MC2: ~8 answers after one ~700-token 6-shot prompt) are scored on one
+            cached pass over it (`shared_prefix`) instead of each from the start. One-token answers
+            (MMLU) already share one forward in lm-eval and are passed through as they are."""
+            from tqdm import tqdm
+
+            groups: dict[tuple, list[int]] = {}
+            for i, (_, context, _) in enumerate(requests):
+                groups.setdefault(tuple(context), []).append(i)
+            results: list = [None] * len(requests)
+            bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
+            for rows in groups.values():
+                distinct = {tuple(requests[i][2][:-1]) for i in rows}
+                self.shared_prefix = (None, None) if len(distinct) > 1 else None
+                scored = super()._loglikelihood_tokens([requests[i] for i in rows], disable_tqdm=True)
+                for i, result in zip(rows, scored, strict=True):
+                    results[i] = result
+                bar.update(len(rows))
+            bar.close()
+            return results
 
         def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
             import torch
 
             config = getattr(self.model, "active_peft_config", None)
             virtual = getattr(config, "num_virtual_tokens", 0) or 0
-            is_prompt_learning = getattr(config, "is_prompt_learning", False)
+            is_prompt_learning = _prompt_learning(self.model)
             keep = None
             if inps.shape[0] == 1 and not is_prompt_learning and attn_mask is None:
                 keep = getattr(self, "scored_positions", {}).get(hash(tuple(inps[0].tolist())))
@@ -254,9 +278,30 @@ def _adapter_lm_class() -> type:
                     torch.no_grad(),
                     torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None),
                 ):
-                    return self.model(inps, logits_to_keep=keep).logits
+                    if getattr(self, "shared_prefix", None) is None or inps.shape[1] <= keep:
+                        return self.model(inps, logits_to_keep=keep).logits
+                    return self._after_shared_prefix(inps, keep)
+
+        def _after_shared_prefix(self, inps: Any, keep: int) -> Any:
+            """The scored positions' logits from the KV cache of everything before them, computed
+            once per context and copied for each answer (the model extends a cache it is given)."""
+            import copy
+
+            split = inps.shape[1] - keep
+            key = hash(tuple(inps[0, :split].tolist()))
+            if self.shared_prefix[0] != key:
+                out = self.model(inps[:, :split], use_cache=True, logits_to_keep=1)
+                self.shared_prefix = (key, out.past_key_values)
+            past = copy.deepcopy(self.shared_prefix[1])
+            return self.model(inps[:, split:], past_key_values=past, logits_to_keep=keep).logits
 
     return AdapterLM
+
+
+def _prompt_learning(model: Any) -> bool:
+    """Whether `model` is a PEFT prompt-learning model (prompt tuning), whose forward prepends
+    virtual tokens and so has no plain prefix to cache or logits to trim."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
 
 
 def load_teacher(cfg: Config, device: str) -> tuple[Any, Any]:
