@@ -185,7 +185,9 @@ def _adapter_lm_class() -> type:
         prompt's positions to the logits while lm-eval indexes logits by input position. It counts
         how its generations end (`endings`): lm-eval keeps only the text, which cannot tell an answer
         that ended on EOS from one cut at `max_gen_toks`. Scoring one sequence at a time, it computes
-        the output layer on the scored positions only (the same log-likelihoods, `logits_to_keep`)."""
+        the output layer on the scored positions only (the same log-likelihoods, `logits_to_keep`),
+        and a context's answers after one cached pass over the context. It generates a batch in
+        groups of similar length (`padding_groups`)."""
 
         endings: dict[str, int]
 
