@@ -439,3 +439,53 @@ def test_ifeval_record_is_scored_by_lm_eval_process_results() -> None:
         "prompt_level_loose_acc": True,
         "inst_level_loose_acc": [True, True, True],
     }
+
+
+def _worded(family: str, seed: int) -> list[tuple[Constraint, str]]:
+    """Every other wording of one sampled constraint of ``family``."""
+    from synthetic_instruction_tuner.constraints import WORDINGS
+
+    if family == "combination:repeat_prompt":
+        constraint = Constraint(family, {"prompt_to_repeat": "Write a poem about rain."})
+    else:
+        (constraint,) = sample_constraints(random.Random(seed), 1, [family])
+    kwargs = {k: v for k, v in constraint.kwargs.items() if v}
+    return [(constraint, option(**kwargs)) for option in WORDINGS[family]]
+
+
+def test_other_wordings_share_no_eight_words_with_any_benchmark_prompt():
+    from synthetic_instruction_tuner.constraints import WORDINGS
+    from synthetic_instruction_tuner.contamination import benchmark_index
+
+    index = benchmark_index(8)
+    shared = {}
+    for family in WORDINGS:
+        for seed in range(5):
+            for constraint, text in _worded(family, seed):
+                # the registry's own end phrases ("Is there anything else I can help with?") are
+                # the constraint's content, not its wording
+                for value in constraint.kwargs.values():
+                    if isinstance(value, str) and len(value.split()) >= 3:
+                        text = text.replace(value, "...")
+                shared[text] = [m.doc_id for m in index.matches(text)]
+    assert {text: docs for text, docs in shared.items() if docs} == {}
+    assert len(shared) > 2 * len(WORDINGS)
+
+
+def test_other_wordings_keep_the_numbers_and_words_the_checker_uses():
+    from synthetic_instruction_tuner.constraints import WORDINGS, wording
+
+    assert set(WORDINGS) <= set(SUPPORTED_IDS) | {"combination:repeat_prompt"}
+    for family in WORDINGS:
+        for constraint, text in _worded(family, 3):
+            for value in constraint.kwargs.values():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    assert str(value) in text, (family, text)
+                elif isinstance(value, list):
+                    assert all(word in text for word in value), (family, text)
+                elif family != "combination:repeat_prompt" and value not in ("less than", "at least"):
+                    assert value in text, (family, text)
+    (constraint, _), *_ = _worded("punctuation:no_comma", 0)
+    assert wording(constraint) == describe([constraint]), "no rng: the registry's wording"
+    drawn = {wording(constraint, random.Random(seed), 1.0) for seed in range(20)}
+    assert drawn == {text for _, text in _worded("punctuation:no_comma", 0)}

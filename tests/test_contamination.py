@@ -168,6 +168,22 @@ def test_the_report_counts_task_and_template_overlap_per_benchmark(tmp_path):
     assert list(wording.iloc[0]) == ["ifeval", "your entire response should be in english and", 1]
 
 
+def test_a_rows_recorded_wording_is_read_as_its_constraint_text(tmp_path):
+    paths = _training_run(tmp_path)
+    # wording that ends otherwise than the registry's sentence, recorded on the row
+    text = f"{ic.describe([LOWERCASE])} Thank you."
+    row = {
+        "id": "worded",
+        "messages": [{"role": "user", "content": ic.add_constraints(CLEAN, [LOWERCASE], text)}],
+        "constraints": [{"instruction_id": LOWERCASE.instruction_id, "kwargs": {}}],
+        "constraint_text": text,
+    }
+    write_jsonl(paths.file("sft_train.jsonl"), [row])
+    report = check_training_data(paths, 8)
+    assert report["counts"]["ifeval"]["rows_task_overlap"] == 0
+    assert report["counts"]["ifeval"]["rows_template_overlap_only"] == 1
+
+
 def test_step_03_removes_a_leaked_prompt_and_lists_it(tmp_path, smoke_cfg):
     paths = run_paths(tmp_path)
     rows = [

@@ -276,6 +276,30 @@ def test_variants_back_translate_each_answer_again_and_stay_on_one_side_of_the_s
     assert single == [r for r in rows if "~" not in r["id"]]
 
 
+def test_rows_worded_otherwise_record_their_wording_and_stay_checkable():
+    records = _garden_records(12)
+    sets = ["sft_data.backtranslation_share=1.0", "sft_data.repeat_share=0.5", "sft_data.variants=2"]
+    plain = sft_train_rows(records, {}, {}, load_config("smoke", sets))
+    rows = sft_train_rows(records, {}, {}, load_config("smoke", [*sets, "sft_data.paraphrase_share=0.7"]))
+
+    def drawn(row: dict) -> list:  # the repeat carries the worded request, and may now fit
+        return [c for c in row["constraints"] if c["instruction_id"] != fe.REPEAT_ID]
+
+    assert [drawn(r) for r in rows] == [drawn(r) for r in plain], "the same draws"
+    assert not any("constraint_text" in r for r in plain)
+    worded = [r for r in rows if "constraint_text" in r]
+    assert len(worded) >= len(rows) // 2
+    for row in worded:
+        prompt, answer = (m["content"] for m in row["messages"])
+        cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]
+        assert row["constraint_text"] != ic.describe(cons)
+        task, wording = split_prompt(prompt, cons, row["constraint_text"])
+        assert task == records[int(row["record_id"][1:])]["instruction"] and wording
+        assert all(ic.check(answer, cons))
+        if "combination:repeat_prompt" in row["edited"]:
+            assert answer.startswith(row["constraints"][-1]["kwargs"]["prompt_to_repeat"] + "\n\n")
+
+
 def test_repeat_rows_open_with_the_request_and_keep_to_families_allowed_beside_it():
     records = _garden_records(12)
     sets = ["sft_data.backtranslation_share=1.0", "sft_data.repeat_share=1.0"]

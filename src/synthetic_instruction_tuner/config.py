@@ -166,6 +166,9 @@ class SftDataConfig:
     # share of back-translated rows whose answer first repeats the request, asked for in IFEval's
     # wording (combination:repeat_prompt: 41 of its 541 prompts)
     repeat_share: float = 0.0
+    # share of back-translated rows' constraints worded in one of constraints.WORDINGS rather than
+    # the registry's sentence: benchmark prompts word the same instruction many ways
+    paraphrase_share: float = 0.0
 
 
 @dataclass
@@ -509,6 +512,8 @@ def _check_consistency(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: sft_data.variants must be at least 1")
     if not 0 <= d.repeat_share <= 1:
         raise ConfigError(f"{source}: sft_data.repeat_share must be within [0, 1]")
+    if not 0 <= d.paraphrase_share <= 1:
+        raise ConfigError(f"{source}: sft_data.paraphrase_share must be within [0, 1]")
     _check_ids(d.constraint_ids, "sft_data.constraint_ids", d.max_constraints, source)
     if not 1 <= d.min_constraints <= d.max_constraints:
         raise ConfigError(f"{source}: sft_data needs 1 <= min_constraints <= max_constraints")

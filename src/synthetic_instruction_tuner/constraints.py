@@ -250,16 +250,157 @@ def _build(constraint: Constraint) -> tuple[Any, str]:
     return checker, checker.build_description(**kwargs)
 
 
-def describe(constraints: Iterable[Constraint]) -> str:
-    """The instruction text, in IFEval's exact wording, for appending to a prompt."""
-    return " ".join(_build(c)[1] for c in constraints)
+def _words(items: Sequence[str]) -> str:
+    quoted = [f'"{w}"' for w in items]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
-def add_constraints(prompt: str, constraints: Sequence[Constraint]) -> str:
-    """``prompt`` followed by a blank line and the constraint text (unchanged if there are none)."""
+def _rel(relation: str) -> str:
+    return "fewer than" if relation == "less than" else relation
+
+
+# Other wordings of each family's instruction, written for this project (the registry's own wording
+# is always the third choice): a student taught one sentence per family meets that sentence and
+# little else. Each keeps the checker's meaning exactly; none shares an 8-word run with a benchmark
+# prompt (tests/test_constraints.py), so they teach the instruction, not a benchmark's text.
+WORDINGS: dict[str, tuple[Callable[..., str], ...]] = {
+    "change_case:capital_word_frequency": (
+        lambda capital_frequency, capital_relation: (
+            f"Write {_rel(capital_relation)} {capital_frequency} words entirely in capital letters."
+        ),
+        lambda capital_frequency, capital_relation: (
+            f"The number of ALL-CAPS words in your reply must be {_rel(capital_relation)} {capital_frequency}."
+        ),
+    ),
+    "change_case:english_capital": (
+        lambda: "Respond in English, with every single letter in upper case.",
+        lambda: "Use capital letters only: the whole English reply in uppercase.",
+    ),
+    "change_case:english_lowercase": (
+        lambda: "Reply in English using lowercase letters only; not one capital anywhere.",
+        lambda: "Keep every letter of your English answer in lower case.",
+    ),
+    "detectable_content:number_placeholders": (
+        lambda num_placeholders: (
+            f"Leave at least {num_placeholders} blanks for me to fill in, each written in square brackets like [name]."
+        ),
+        lambda num_placeholders: (
+            f"Use {num_placeholders} or more square-bracket placeholders, for example [city]."
+        ),
+    ),
+    "detectable_content:postscript": (
+        lambda postscript_marker: f"Add a note at the very end that begins with {postscript_marker}",
+        lambda postscript_marker: f"Close with a postscript introduced by {postscript_marker}",
+    ),
+    "detectable_format:json_format": (
+        lambda: "Give your whole reply as valid JSON.",
+        lambda: "Format all of the output as one JSON object; markdown code fences are fine.",
+    ),
+    "detectable_format:multiple_sections": (
+        lambda section_spliter, num_sections: (
+            f"Split the answer into {num_sections} parts, headed {section_spliter} 1, {section_spliter} 2 and so on."
+        ),
+        lambda section_spliter, num_sections: (
+            f"Organise your reply in {num_sections} sections labelled {section_spliter} 1 to {section_spliter} {num_sections}."
+        ),
+    ),
+    "detectable_format:number_bullet_lists": (
+        lambda num_bullets: (
+            f"Present the answer as exactly {num_bullets} markdown bullet points, each line starting with *."
+        ),
+        lambda num_bullets: f"Give me {num_bullets} bullet points, no more and no fewer, using * for each.",
+    ),
+    "detectable_format:number_highlighted_sections": (
+        lambda num_highlights: (
+            f"Emphasise at least {num_highlights} parts with markdown italics, like *this part*."
+        ),
+        lambda num_highlights: (
+            f"Mark {num_highlights} or more phrases as highlighted by wrapping each in single asterisks."
+        ),
+    ),
+    "detectable_format:title": (
+        lambda: "Give your answer a title inside double angle brackets, like <<my title>>.",
+        lambda: "Open with a title wrapped in << and >>.",
+    ),
+    "keywords:existence": (
+        lambda keywords: f"Make sure the words {_words(keywords)} appear in your answer.",
+        lambda keywords: f"Your reply has to use the words {_words(keywords)}.",
+    ),
+    "keywords:forbidden_words": (
+        lambda forbidden_words: f"Avoid the words {_words(forbidden_words)} entirely.",
+        lambda forbidden_words: f"Never use these words: {_words(forbidden_words)}.",
+    ),
+    "keywords:frequency": (
+        lambda keyword, frequency, relation: f'Use the word "{keyword}" {_rel(relation)} {frequency} times.',
+        lambda keyword, frequency, relation: (
+            f'The word "{keyword}" must occur {_rel(relation)} {frequency} times in your answer.'
+        ),
+    ),
+    "keywords:letter_frequency": (
+        lambda letter, let_frequency, let_relation: (
+            f'The letter "{letter}" should show up {_rel(let_relation)} {let_frequency} times in your reply.'
+        ),
+        lambda letter, let_frequency, let_relation: (
+            f'Use the letter "{letter}" {_rel(let_relation)} {let_frequency} times.'
+        ),
+    ),
+    "length_constraints:number_paragraphs": (
+        lambda num_paragraphs: f"Write {num_paragraphs} paragraphs with a line of *** between each two.",
+        lambda num_paragraphs: f"Use exactly {num_paragraphs} paragraphs, divided from each other by ***.",
+    ),
+    "length_constraints:number_sentences": (
+        lambda num_sentences, relation: f"Keep it to {_rel(relation)} {num_sentences} sentences.",
+        lambda num_sentences, relation: f"Write {_rel(relation)} {num_sentences} sentences.",
+    ),
+    "length_constraints:number_words": (
+        lambda num_words, relation: f"Use {_rel(relation)} {num_words} words.",
+        lambda num_words, relation: f"Your answer should be {_rel(relation)} {num_words} words long.",
+    ),
+    "punctuation:no_comma": (
+        lambda: "Do not use any commas.",
+        lambda: "Write without a single comma.",
+    ),
+    "startend:end_checker": (
+        lambda end_phrase: f"End your answer with the exact words {end_phrase} and nothing after them.",
+        lambda end_phrase: f"Your last words must be: {end_phrase}",
+    ),
+    "startend:quotation": (
+        lambda: "Put your whole answer inside double quotes.",
+        lambda: "Enclose the entire reply in double quotation marks.",
+    ),
+    "combination:repeat_prompt": (
+        lambda prompt_to_repeat: (
+            "Before answering, copy my request above exactly as written, then give your answer."
+        ),
+        lambda prompt_to_repeat: (
+            "Start by restating the request word for word, with nothing before it; then answer it."
+        ),
+    ),
+}
+
+
+def wording(constraint: Constraint, rng: random.Random | None = None, share: float = 0.0) -> str:
+    """The constraint's instruction: IFEval's registry wording, or with probability ``share`` (drawn
+    from ``rng``) one of `WORDINGS`."""
+    registry = _build(constraint)[1]
+    options = WORDINGS.get(constraint.instruction_id, ())
+    if rng is None or not options or rng.random() >= share:
+        return registry
+    kwargs = {key: value for key, value in constraint.kwargs.items() if value}
+    return rng.choice(options)(**kwargs)
+
+
+def describe(constraints: Iterable[Constraint], rng: random.Random | None = None, share: float = 0.0) -> str:
+    """The instruction text for appending to a prompt: IFEval's exact wording unless ``share`` > 0."""
+    return " ".join(wording(c, rng, share) for c in constraints)
+
+
+def add_constraints(prompt: str, constraints: Sequence[Constraint], text: str | None = None) -> str:
+    """``prompt`` followed by a blank line and the constraint text (``text``, else `describe`'s);
+    unchanged if there are no constraints."""
     if not constraints:
         return prompt
-    return f"{prompt.rstrip()}\n\n{describe(constraints)}"
+    return f"{prompt.rstrip()}\n\n{describe(constraints) if text is None else text}"
 
 
 def _loose_variants(response: str) -> list[str]:

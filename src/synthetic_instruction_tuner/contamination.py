@@ -159,23 +159,27 @@ def benchmark_index(n: int) -> NgramIndex:
     return NgramIndex(benchmark_docs(), n)
 
 
-def split_prompt(prompt: str, constraints: Sequence[ic.Constraint]) -> tuple[str, str]:
-    """(task text, constraint description) of a prompt that `constraints.add_constraints` wrote; the
-    whole prompt is task text when it does not end with the description of `constraints`."""
-    description = ic.describe(constraints) if constraints else ""
+def split_prompt(
+    prompt: str, constraints: Sequence[ic.Constraint], text: str | None = None
+) -> tuple[str, str]:
+    """(task text, constraint description) of a prompt that `constraints.add_constraints` wrote (with
+    ``text``, the wording the row recorded); the whole prompt is task text when it does not end with
+    that description."""
+    description = (ic.describe(constraints) if text is None else text) if constraints else ""
     if description and prompt.endswith(description):
         return prompt[: -len(description)].rstrip(), description
     return prompt, ""
 
 
-def _training_rows(paths: RunPaths) -> Iterator[tuple[str, str, str, list[ic.Constraint]]]:
-    """(file, row id, prompt, constraints) of every training row as steps 05-06 read it."""
+def _training_rows(paths: RunPaths) -> Iterator[tuple[str, str, str, list[ic.Constraint], str | None]]:
+    """(file, row id, prompt, constraints, their recorded wording) of every training row as steps
+    05-06 read it."""
     for name in TRAINING_FILES:
         for row in read_jsonl(paths.file(name), required=("id", "constraints")):
             turns = row["messages"] if "messages" in row else row["prompt"]
             prompt = next(t["content"] for t in turns if t["role"] == "user")
             cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]
-            yield name, row["id"], prompt, cons
+            yield name, row["id"], prompt, cons, row.get("constraint_text")
 
 
 def _entries(name: str, row_id: str, matches: list[Match]) -> list[dict[str, Any]]:
@@ -204,9 +208,9 @@ def check_training_data(paths: RunPaths, n: int) -> dict[str, Any]:
     start = time.perf_counter()
     indexes = (benchmark_index(n), NgramIndex(heldout_docs(read_jsonl(paths.file("heldout.jsonl"))), n))
     matches, checked = [], dict.fromkeys(TRAINING_FILES, 0)
-    for name, row_id, prompt, cons in _training_rows(paths):
+    for name, row_id, prompt, cons, text in _training_rows(paths):
         checked[name] += 1
-        parts = split_prompt(prompt, cons)
+        parts = split_prompt(prompt, cons, text)
         matches += [e for index in indexes for e in _entries(name, row_id, index.matches(*parts))]
     removed = [r for r in read_jsonl(paths.file("filtered_out.jsonl")) if r["reason"] == "benchmark_overlap"]
     counts = {

@@ -231,7 +231,11 @@ def beside_repeat(allowed: Sequence[str] | None) -> list[str]:
 
 
 def repeat_request(
-    instruction: str, response: str, chosen: Sequence[ic.Constraint]
+    instruction: str,
+    response: str,
+    chosen: Sequence[ic.Constraint],
+    rng: random.Random | None = None,
+    share: float = 0.0,
 ) -> tuple[str, str, ic.Constraint] | None:
     """The prompt with IFEval's repeat-the-request instruction after the others, and the response
     opened by the request word for word: the instruction and the other constraints' wording, as
@@ -240,14 +244,16 @@ def repeat_request(
     table = ic.conflicts()
     if any(c.instruction_id in table[REPEAT_ID] for c in chosen):
         return None
-    request = ic.add_constraints(instruction, chosen).strip()
+    described = ic.describe(chosen, rng, share)
+    request = ic.add_constraints(instruction, chosen, described).strip()
     constraint = ic.Constraint(REPEAT_ID, {"prompt_to_repeat": request})
     text = f"{request}\n\n{response.strip()}"
     if not all(ic.check(text, [*chosen, constraint])):
         return None
     # one description block, as add_constraints writes it, so the contamination check can tell the
-    # task text from the constraint wording
-    return ic.add_constraints(instruction, [*chosen, constraint]), text, constraint
+    # task text from the constraint wording (``rng`` and ``share`` word it as `constraints.describe`)
+    block = " ".join(part for part in (described, ic.wording(constraint, rng, share)) if part)
+    return ic.add_constraints(instruction, [*chosen, constraint], block), text, constraint
 
 
 # How each family is edited into a response: (edited response, kwargs), or None when the response

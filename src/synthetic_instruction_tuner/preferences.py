@@ -446,9 +446,15 @@ def _pairs(
 
 
 def _sft_row(
-    row_id: str, prompt: str, response: str, source: str, cons: list[ic.Constraint], edited: list[str] = ()
+    row_id: str,
+    prompt: str,
+    response: str,
+    source: str,
+    cons: list[ic.Constraint],
+    edited: list[str] = (),
+    text: str | None = None,
 ) -> dict:
-    return {
+    row = {
         "id": row_id,
         "record_id": row_id.split("~")[0],  # the sft.jsonl row it comes from
         "messages": [*user_turn(prompt), {"role": "assistant", "content": response}],
@@ -456,6 +462,9 @@ def _sft_row(
         "constraints": _serialise(cons),
         "edited": list(edited),  # constraint ids whose format was edited into the response
     }
+    if text is not None:  # the constraints' wording where it is not the registry's
+        row["constraint_text"] = text
+    return row
 
 
 def _backtranslated_row(
@@ -478,13 +487,20 @@ def _backtranslated_row(
         response, cons, edited = fe.edit_in(record["instruction"], response, rng, k, allowed)
     else:
         cons = bt.backtranslate(response, rng, k, allowed)
-    prompt = ic.add_constraints(record["instruction"], cons)
-    if repeat and (repeated := fe.repeat_request(record["instruction"], response, cons)) is not None:
+    # the wording's own stream, as the repeat's
+    words = _rng(cfg.seed, "wording", row_id) if d.paraphrase_share else None
+    text = ic.describe(cons, words, d.paraphrase_share)
+    prompt = ic.add_constraints(record["instruction"], cons, text)
+    if repeat and (
+        repeated := fe.repeat_request(record["instruction"], response, cons, words, d.paraphrase_share)
+    ):
         prompt, response, constraint = repeated
         cons, edited = [*cons, constraint], [*edited, fe.REPEAT_ID]
+        text = prompt[len(record["instruction"].rstrip()) + 2 :]
     if not cons:
         return None
-    return _sft_row(row_id, prompt, response, "back_translation", cons, edited)
+    text = text if text != ic.describe(cons) else None
+    return _sft_row(row_id, prompt, response, "back_translation", cons, edited, text)
 
 
 def sft_train_rows(
