@@ -13,7 +13,7 @@
 # adapter on the same tasks, with the teacher (the generator model, in its own chat template) as a
 # reference row. Every profile runs lm-eval's own `ifeval`, `mmlu` (5-shot), `truthfulqa_mc2` and
 # `hellaswag` task definitions: with Hub access on the Hub's data, offline on the repository's copies
-# (`benchmark_data/SOURCE.md`; HellaSwag's is not shipped), beside this repository's own tasks:
+# (`benchmark_data/SOURCE.md`), beside this repository's own tasks:
 # IFBench's test prompts, the held-out constraint prompts (lm-eval's IFEval metrics) and the
 # log-likelihood of the held-out responses. Every metric gets a 95% percentile-bootstrap interval over prompts; the
 # differences SFT − base, DPO − SFT, prompt tuning − base and each student − teacher are measured on the

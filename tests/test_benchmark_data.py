@@ -6,6 +6,7 @@ import pytest
 
 from synthetic_instruction_tuner.benchmark_data import (
     DATA_DIR,
+    authors_layout,
     convert_hellaswag,
     convert_mmlu,
     convert_truthfulqa,
@@ -23,6 +24,7 @@ def test_shipped_files_match_their_recorded_sha256_and_stay_small():
         "ifeval",
         "mmlu",
         "truthfulqa_mc",
+        "hellaswag",
     }
     for entry in record.values():
         for name, digest in entry["files"].items():
@@ -30,7 +32,6 @@ def test_shipped_files_match_their_recorded_sha256_and_stay_small():
             assert sha256(path) == digest, name
             assert path.stat().st_size < 2 * 1024**2, name
         assert entry["license"] and entry["commit"] and entry["upstream"]
-    assert record["hellaswag"]["status"] == "open" and shipped("hellaswag") == []
 
 
 def test_ifeval_copy_has_541_prompts_in_google_ifeval_schema():
@@ -62,6 +63,32 @@ def test_truthfulqa_copy_has_817_questions_with_hub_targets():
     assert all(r["mc1_targets"]["labels"][0] == 1 and sum(r["mc1_targets"]["labels"]) == 1 for r in rows)
 
 
+def test_hellaswag_copy_holds_the_authors_validation_rows_in_the_hub_schema():
+    rows = [row for path in shipped("hellaswag") for row in read_jsonl_gz(path)]
+    assert len(rows) == 10042 == provenance()["hellaswag"]["rows"]
+    assert list(rows[0]) == [
+        "ind",
+        "activity_label",
+        "ctx_a",
+        "ctx_b",
+        "ctx",
+        "endings",
+        "source_id",
+        "split",
+        "split_type",
+        "label",
+    ]
+    assert (
+        rows[0]["ind"] == 24
+        and rows[0]["label"] == "3"
+        and rows[0]["ctx"] == "A man is sitting on a roof. he"
+    )
+    assert all(len(r["endings"]) == 4 and r["label"] in "0123" and r["split"] == "val" for r in rows)
+    assert all(r["ctx"] == f"{r['ctx_a']} {r['ctx_b']}" for r in rows if r["ctx_b"])
+    # the length of the authors' hellaswag_val.jsonl, as the Hub's loading script recorded it
+    assert len(authors_layout(rows)) == 12_246_618
+
+
 def test_converters_write_hub_schemas_byte_for_byte_the_same(tmp_path):
     upstream = tmp_path / "up"
     for split in ("dev", "test"):
@@ -85,6 +112,12 @@ def test_converters_write_hub_schemas_byte_for_byte_the_same(tmp_path):
     )
     (path,) = convert_hellaswag(val, tmp_path / "d")
     assert read_jsonl_gz(path)[0]["label"] == "2"
+    # the Hub's rows as `datasets` saves them convert to the same file
+    from datasets import Dataset
+
+    Dataset.from_list([{**json.loads(val.read_text()), "label": "2"}]).save_to_disk(str(tmp_path / "hub"))
+    (again,) = convert_hellaswag(tmp_path / "hub", tmp_path / "e")
+    assert sha256(again) == sha256(path)
 
 
 def test_rebuild_names_a_missing_upstream_file(tmp_path, capsys):

@@ -51,14 +51,27 @@ def test_words_are_lowercased_without_punctuation():
 
 
 def test_the_index_holds_every_benchmark_prompt_shipped(benchmarks):
-    # IFEval's 541, MMLU's 14,079 test and 285 dev questions, TruthfulQA's 817, IFBench's 294
-    assert benchmarks.counts() == {"ifeval": 541, "mmlu": 14_364, "truthfulqa_mc": 817, "ifbench": 294}
-    assert benchmarks.n == 8 and len(benchmarks.grams) == 622_132  # distinct 8-grams
+    # IFEval's 541, MMLU's 14,079 test and 285 dev questions, TruthfulQA's 817, HellaSwag's 10,042
+    # validation contexts, IFBench's 294
+    assert benchmarks.counts() == {
+        "ifeval": 541,
+        "mmlu": 14_364,
+        "truthfulqa_mc": 817,
+        "hellaswag": 10_042,
+        "ifbench": 294,
+    }
+    assert benchmarks.n == 8 and len(benchmarks.grams) == 950_323  # distinct 8-grams
     assert benchmarks.matches(CLEAN) == []
     question = "What is the smallest country in the world that is at least one square mile in area?"
     [found] = benchmarks.matches(f"Quick quiz for my class: {question}")
     assert (found.benchmark, found.doc_id, found.kind) == ("truthfulqa_mc", "0", "task")
     assert len(found.ngrams) == 10 and "smallest country in the world that is at" in found.ngrams  # 17 words
+    [found] = benchmarks.matches("Continue this: A man is sitting on a roof. He starts pulling up shingles.")
+    assert (found.benchmark, found.doc_id, found.ngrams) == (
+        "hellaswag",
+        "24",
+        ["a man is sitting on a roof he"],
+    )
 
 
 def test_a_planted_benchmark_prompt_is_removed_with_its_reason_and_document(benchmarks):
@@ -133,7 +146,7 @@ def test_the_report_counts_task_and_template_overlap_per_benchmark(tmp_path):
     report = check_training_data(paths, 8)
     assert read_json(paths.file("contamination.json")) == json.loads(json.dumps(report))
     assert report["ngram"] == 8 and report["checked"] == {"sft_train.jsonl": 3, "preferences.jsonl": 1}
-    assert set(report["counts"]) == {"ifeval", "mmlu", "truthfulqa_mc", "ifbench", "heldout"}
+    assert set(report["counts"]) == {"ifeval", "mmlu", "truthfulqa_mc", "hellaswag", "ifbench", "heldout"}
     assert report["counts"]["ifeval"] == {
         "documents": 541,
         "rows_task_overlap": 1,  # the leaked prompt
@@ -158,7 +171,7 @@ def test_the_report_counts_task_and_template_overlap_per_benchmark(tmp_path):
     assert [r["id"] for r in report["removed_before_training"]] == ["x"]
 
     counts, overlaps, wording = (t.data for t in reporting.contamination_tables(paths))
-    assert list(counts["benchmark"]) == ["ifeval", "mmlu", "truthfulqa_mc", "ifbench", "heldout"]
+    assert list(counts["benchmark"]) == ["ifeval", "mmlu", "truthfulqa_mc", "hellaswag", "ifbench", "heldout"]
     assert list(zip(overlaps["caught"], overlaps["id"], overlaps["benchmark"], strict=True)) == [
         ("in training data", "leak", "ifeval"),
         ("in training data", "p1", "heldout"),

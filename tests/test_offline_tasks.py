@@ -10,8 +10,13 @@ from synthetic_instruction_tuner.errors import PipelineError
 from synthetic_instruction_tuner.evaluation import pooled_samples
 from synthetic_instruction_tuner.offline_tasks import DATA_KEYS, mmlu_subjects, write_offline_tasks
 
-SHIPPED = ["ifeval", "mmlu", "truthfulqa_mc2"]
-SIZES = ["evaluation.ifeval_docs=300", "evaluation.mmlu_docs_per_subject=1", "evaluation.truthfulqa_docs=50"]
+SHIPPED = ["ifeval", "mmlu", "truthfulqa_mc2", "hellaswag"]
+SIZES = [
+    "evaluation.ifeval_docs=300",
+    "evaluation.mmlu_docs_per_subject=1",
+    "evaluation.truthfulqa_docs=50",
+    "evaluation.hellaswag_docs=40",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,8 @@ def _differing_keys(hub, offline, name):
 
 def test_offline_tasks_differ_from_the_hub_tasks_only_in_their_data_source(offline):
     hub, off, _ = offline
-    names = ["ifeval", "truthfulqa_mc2", *(f"mmlu_{s}" for s in mmlu_subjects())]
-    assert len(names) == 59
+    names = ["ifeval", "truthfulqa_mc2", "hellaswag", *(f"mmlu_{s}" for s in mmlu_subjects())]
+    assert len(names) == 60
     for name in names:
         assert "lm_eval/tasks" in str(hub.task_index[name].yaml_path)
         assert "lm_eval/tasks" not in str(off.task_index[name].yaml_path), name
@@ -58,7 +63,7 @@ def test_offline_mmlu_group_runs_lm_evals_five_shot_prompt_on_shipped_rows(offli
 
 def test_benchmark_samples_are_seeded_and_sized_by_the_settings(offline, tmp_path):
     _, off, documents = offline
-    assert documents["ifeval"] == 300 and documents["truthfulqa_mc2"] == 50
+    assert documents["ifeval"] == 300 and documents["truthfulqa_mc2"] == 50 and documents["hellaswag"] == 40
     ifeval = off.load(["ifeval"])["tasks"]["ifeval"]
     keys = [d["key"] for d in ifeval.eval_docs]
     shipped = {r["key"] for r in benchmark_data.read_jsonl_gz(benchmark_data.shipped("ifeval")[0])}
@@ -73,7 +78,21 @@ def test_benchmark_samples_are_seeded_and_sized_by_the_settings(offline, tmp_pat
     assert full == {"ifeval": 541, "truthfulqa_mc2": 817}
 
 
-def test_a_benchmark_without_shipped_data_is_refused_with_the_rebuild_command(tmp_path):
+def test_offline_hellaswag_runs_lm_evals_task_on_a_seeded_sample_of_the_shipped_rows(offline):
+    _, off, _ = offline
+    task = off.load(["hellaswag"])["tasks"]["hellaswag"]
+    docs = list(task.eval_docs)
+    rows = [r for p in benchmark_data.shipped("hellaswag") for r in benchmark_data.read_jsonl_gz(p)]
+    assert len(docs) == 40 and len(rows) == 10042
+    assert {(d["ind"], d["ctx"]) for d in docs} <= {(r["ind"], r["ctx"]) for r in rows}
+    doc = docs[0]
+    assert task.doc_to_text(doc).startswith(doc["activity_label"] + ":")
+    assert len(task.doc_to_choice(doc)) == 4 and task.doc_to_target(doc) == int(doc["label"])
+
+
+def test_a_benchmark_without_shipped_data_is_refused_with_the_rebuild_command(tmp_path, monkeypatch):
+    real = benchmark_data.shipped
+    monkeypatch.setattr(benchmark_data, "shipped", lambda b: [] if b == "hellaswag" else real(b))
     with pytest.raises(
         PipelineError, match=r"local_tasks: hellaswag has no offline copy.*rebuild --hellaswag FILE"
     ):

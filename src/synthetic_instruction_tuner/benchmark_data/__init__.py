@@ -126,16 +126,60 @@ def convert_truthfulqa(upstream: Path, out: Path) -> list[Path]:
     return [write_jsonl_gz(out / "truthfulqa_mc" / "validation.jsonl.gz", rows)]
 
 
+HELLASWAG_KEYS = (
+    "ind",
+    "activity_label",
+    "ctx_a",
+    "ctx_b",
+    "ctx",
+    "endings",
+    "source_id",
+    "split",
+    "split_type",
+)
+
+
+def _hellaswag_rows(upstream: Path) -> list[dict[str, Any]]:
+    """The validation rows of the authors' `hellaswag_val.jsonl`, or of a `datasets` copy of the Hub's
+    rows (a `save_to_disk` folder), which the Hub's loading script parsed from that same file."""
+    if upstream.is_dir():
+        from datasets import load_from_disk
+
+        return load_from_disk(str(upstream)).to_list()
+    return [json.loads(line) for line in upstream.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def convert_hellaswag(upstream: Path, out: Path) -> list[Path]:
-    """hellaswag_val.jsonl -> hellaswag/validation-NN.jsonl.gz, the Hub's fields and string labels."""
-    keys = ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings", "source_id", "split", "split_type")
-    rows = [json.loads(line) for line in upstream.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [{**{k: r[k] for k in keys}, "label": str(r["label"])} for r in rows]
+    """hellaswag_val.jsonl (or the Hub's rows) -> hellaswag/validation-NN.jsonl.gz, the Hub's fields
+    and string labels."""
+    rows = [
+        {**{k: r[k] for k in HELLASWAG_KEYS}, "label": str(r["label"])} for r in _hellaswag_rows(upstream)
+    ]
     return [
         write_jsonl_gz(out / "hellaswag" / f"validation-{i // HELLASWAG_SHARD_ROWS:02d}.jsonl.gz", chunk)
         for i in range(0, len(rows), HELLASWAG_SHARD_ROWS)
         for chunk in [rows[i : i + HELLASWAG_SHARD_ROWS]]
     ]
+
+
+def authors_layout(rows: Iterable[dict[str, Any]]) -> bytes:
+    """Rows written back in the layout of the authors' `hellaswag_val.jsonl` (their key order, integer
+    labels, ASCII escapes): compared with the length the Hub's loading script recorded for that file."""
+    order = (
+        "ind",
+        "activity_label",
+        "ctx_a",
+        "ctx_b",
+        "ctx",
+        "split",
+        "split_type",
+        "label",
+        "endings",
+        "source_id",
+    )
+    return "".join(
+        json.dumps({k: int(r[k]) if k == "label" else r[k] for k in order}) + "\n" for r in rows
+    ).encode()
 
 
 CONVERTERS = {

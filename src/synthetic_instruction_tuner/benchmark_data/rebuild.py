@@ -2,10 +2,10 @@
 
     python -m synthetic_instruction_tuner.benchmark_data.rebuild \\
         --ifeval input_data.jsonl --mmlu hendrycks-test/data --truthfulqa mc_task.json \\
-        [--hellaswag hellaswag_val.jsonl] [--out DIR]
+        [--hellaswag hellaswag_val.jsonl | HUB_ROWS_DIR] [--out DIR]
 
 Each option names the upstream file (MMLU: the folder holding dev/ and test/) at the commit listed in
-`SOURCES`. Only the benchmarks given are rebuilt; the others keep their provenance entry. A benchmark
+`SOURCES`; HellaSwag's may also be a `datasets` `save_to_disk` folder of the Hub's validation rows. Only the benchmarks given are rebuilt; the others keep their provenance entry. A benchmark
 never rebuilt stays `open`: no files, and lm-eval's task for it cannot run offline.
 """
 
@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PipelineError
-from . import CONVERTERS, DATA_DIR, SOURCES, sha256
+from . import CONVERTERS, DATA_DIR, SOURCES, authors_layout, read_jsonl_gz, sha256
 
 
 def _upstream_files(path: Path) -> list[Path]:
-    """What a converter reads: the file itself, or MMLU's dev/ and test/ CSVs."""
-    return (
-        sorted(p for split in ("dev", "test") for p in (path / split).glob("*.csv"))
-        if path.is_dir()
-        else [path]
-    )
+    """What a converter reads: the file itself, or every file of a folder (MMLU's dev/ and test/ CSVs,
+    a `datasets` copy of HellaSwag's Hub rows)."""
+    if not path.is_dir():
+        return [path]
+    csvs = sorted(p for split in ("dev", "test") for p in (path / split).glob("*.csv"))
+    return csvs or sorted(p for p in path.rglob("*") if p.is_file())
 
 
 def rebuild(upstream: dict[str, Path], out: Path = DATA_DIR) -> dict[str, Any]:
@@ -51,6 +51,12 @@ def rebuild(upstream: dict[str, Path], out: Path = DATA_DIR) -> dict[str, Any]:
             },
             "files": {str(p.relative_to(out)): sha256(p) for p in written},
         }
+        if name == "hellaswag" and path.is_dir():
+            # the Hub's rows, not the authors' file: record how close to it they are
+            rows = [row for p in written for row in read_jsonl_gz(p)]
+            record[name]["read"] = "a datasets copy of the Hub's rows (SOURCE.md)"
+            record[name]["rows"] = len(rows)
+            record[name]["authors_layout_bytes"] = len(authors_layout(rows))
     record_path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
 
