@@ -334,21 +334,30 @@ def test_answers_after_one_context_are_scored_on_one_cached_pass_over_it():
     answers = [" Because of scattering.", " It reflects the sea.", " Nobody knows why."]
     # TruthfulQA MC2's shape: one context, several answers of several tokens
     requests = [(("q", a), ids, tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
-    widths = []
+    shapes = []
     model.register_forward_hook(
-        lambda _m, args, kw, _o: widths.append((kw.get("input_ids") if args == () else args[0]).shape[1]),
+        lambda _m, args, kw, _o: shapes.append(tuple((kw.get("input_ids") if args == () else args[0]).shape)),
         with_kwargs=True,
     )
     got = _adapter_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=1)._loglikelihood_tokens(
         requests
     )
     answer_lengths = sorted(len(r[2]) for r in requests)
-    assert sorted(widths) == sorted([len(ids) - 1, *answer_lengths]), "the context once, then each answer"
-    widths.clear()
+    assert len(set(answer_lengths)) > 1, "answers of different lengths share one padded batch"
+    assert shapes == [(1, len(ids) - 1), (3, max(answer_lengths))], "the context once, then its answers"
+    shapes.clear()
     full = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)._loglikelihood_tokens(requests)
-    assert sorted(widths) == sorted(len(ids) + n - 1 for n in answer_lengths)
+    assert sorted(w for _, w in shapes) == sorted(len(ids) + n - 1 for n in answer_lengths)
     assert [g for _, g in got] == [f for _, f in full]
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in full], abs=1e-4)
+
+
+def test_answer_batches_stay_within_their_padded_budget():
+    from synthetic_instruction_tuner.evaluation import answer_batches
+
+    assert answer_batches([20, 30, 25, 10], 100) == [[0, 1, 2], [3]]
+    assert answer_batches([300, 5, 5], 100) == [[0], [1, 2]]
+    assert answer_batches([], 100) == []
 
 
 def test_padding_groups_keep_each_row_within_twice_its_length():

@@ -34,6 +34,7 @@ are pooled into one sample log named after the group.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import json
@@ -236,13 +237,14 @@ def _adapter_lm_class() -> type:
                     return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
                 return self._per_context(requests, disable_tqdm)
             finally:
-                self.scored_positions, self.shared_prefix = {}, None
+                self.scored_positions = {}
 
         def _per_context(self, requests: Any, disable_tqdm: bool) -> list:
             """lm-eval's scoring run one context at a time, so that a context's answers of several
-            tokens (TruthfulQA MC2: ~8 answers after one ~700-token 6-shot prompt) are scored on one
-            cached pass over it (`shared_prefix`) instead of each from the start. One-token answers
-            (MMLU) already share one forward in lm-eval and are passed through as they are."""
+            tokens (TruthfulQA MC2: ~8 answers after one ~700-token 6-shot prompt; HellaSwag: 4 after
+            ~60) are scored in one batch after one cached pass over it (`_answers_after_context`)
+            instead of each from the start. One-token answers (MMLU) already share one forward in
+            lm-eval and are passed through as they are, as is a context cut to the model's length."""
             from tqdm import tqdm
 
             groups: dict[tuple, list[int]] = {}
@@ -251,14 +253,70 @@ def _adapter_lm_class() -> type:
             results: list = [None] * len(requests)
             bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
             for rows in groups.values():
-                distinct = {tuple(requests[i][2][:-1]) for i in rows}
-                self.shared_prefix = (None, None) if len(distinct) > 1 else None
-                scored = super()._loglikelihood_tokens([requests[i] for i in rows], disable_tqdm=True)
+                group = [requests[i] for i in rows]
+                scored = self._answers_after_context(group)
+                if scored is None:
+                    scored = super()._loglikelihood_tokens(group, disable_tqdm=True)
                 for i, result in zip(rows, scored, strict=True):
                     results[i] = result
                 bar.update(len(rows))
             bar.close()
             return results
+
+        def _answers_after_context(self, group: list) -> list | None:
+            """(log-likelihood, is greedy) of each answer of one context, as lm-eval computes them
+            (the same window, log-softmax in the logits' dtype), from one forward over the context
+            and one right-padded batch of its answers on copies of that cache; None where the answers
+            share no whole context (one-token answers, a window cut at the model's length)."""
+            import torch
+            import torch.nn.functional as F
+
+            windows = [(context + answer)[-(self.max_length + 1) :][:-1] for _, context, answer in group]
+            splits = {len(w) - len(answer) for w, (_, _, answer) in zip(windows, group, strict=True)}
+            answers = [answer for _, _, answer in group]
+            if len(splits) != 1 or len({tuple(a[:-1]) for a in answers}) == 1:
+                return None
+            (split,) = splits
+            prefix = windows[0][:split]
+            if split < 1 or any(w[:split] != prefix for w in windows):
+                return None
+            dtype = self.mixed_precision_dtype
+
+            def forward(inps: Any, **kwargs: Any) -> Any:
+                with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
+                    return self.model(inps, **kwargs)
+
+            results = []
+            with (
+                self._heartbeat(f"evaluating: scoring {len(group)} answers after one context"),
+                torch.no_grad(),
+            ):
+                context = forward(
+                    torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1
+                )
+                for batch in answer_batches([len(w) - split for w in windows], ANSWER_BATCH_POSITIONS):
+                    width = max(len(windows[i]) - split for i in batch)
+                    inps = torch.full(
+                        (len(batch), width), self.tokenizer.pad_token_id or 0, device=self.device
+                    )
+                    for row, i in enumerate(batch):
+                        inps[row, : len(windows[i]) - split] = torch.tensor(windows[i][split:])
+                    # padding after each answer: no answer position ever attends to it
+                    cache = copy.deepcopy(context.past_key_values)
+                    cache.batch_repeat_interleave(len(batch))
+                    logits = forward(inps, past_key_values=cache, logits_to_keep=width).logits
+                    # outside autocast, as lm-eval takes it
+                    logits = F.log_softmax(logits, dim=-1)
+                    for row, i in enumerate(batch):
+                        target = torch.tensor(answers[i], device=self.device)
+                        scores = logits[row, : len(target)]
+                        greedy = bool((scores.argmax(dim=-1) == target).all())
+                        results.append((i, (float(scores.gather(1, target[:, None]).sum()), greedy)))
+            ordered = [answer for _, answer in sorted(results)]
+            for (key, _, _), answer in zip(group, ordered, strict=True):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            return ordered
 
         def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
             import torch
@@ -280,24 +338,27 @@ def _adapter_lm_class() -> type:
                     torch.no_grad(),
                     torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None),
                 ):
-                    if getattr(self, "shared_prefix", None) is None or inps.shape[1] <= keep:
-                        return self.model(inps, logits_to_keep=keep).logits
-                    return self._after_shared_prefix(inps, keep)
-
-        def _after_shared_prefix(self, inps: Any, keep: int) -> Any:
-            """The scored positions' logits from the KV cache of everything before them, computed
-            once per context and copied for each answer (the model extends a cache it is given)."""
-            import copy
-
-            split = inps.shape[1] - keep
-            key = hash(tuple(inps[0, :split].tolist()))
-            if self.shared_prefix[0] != key:
-                out = self.model(inps[:, :split], use_cache=True, logits_to_keep=1)
-                self.shared_prefix = (key, out.past_key_values)
-            past = copy.deepcopy(self.shared_prefix[1])
-            return self.model(inps[:, split:], past_key_values=past, logits_to_keep=keep).logits
+                    return self.model(inps, logits_to_keep=keep).logits
 
     return AdapterLM
+
+
+# answer positions per batch after a cached context: the log-softmax over Gemma's 262k-token
+# vocabulary holds ~1 MB per position in fp32
+ANSWER_BATCH_POSITIONS = 256
+
+
+def answer_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of `lengths` in order, batched so that each batch padded to its longest row holds at
+    most `budget` positions (a longer row goes alone)."""
+    batches: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        last = batches[-1] if batches else None
+        if last and (len(last) + 1) * max(n, *(lengths[j] for j in last)) <= budget:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _prompt_learning(model: Any) -> bool:
