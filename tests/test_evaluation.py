@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from synthetic_instruction_tuner.evaluation import METHODS, count_endings, ifbench_data
 from synthetic_instruction_tuner.metrics import aggregate, bootstrap_ci
@@ -350,6 +351,43 @@ def test_answers_after_one_context_are_scored_on_one_cached_pass_over_it():
     assert sorted(w for _, w in shapes) == sorted(len(ids) + n - 1 for n in answer_lengths)
     assert [g for _, g in got] == [f for _, f in full]
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in full], abs=1e-4)
+
+
+def test_prompt_tuning_is_scored_on_trimmed_logits_and_a_cached_context_with_the_same_loglikelihoods():
+    from peft import PromptTuningConfig, get_peft_model
+
+    from synthetic_instruction_tuner.config import load_config
+    from synthetic_instruction_tuner.evaluation import _adapter_lm_class
+    from synthetic_instruction_tuner.models import load_causal_lm, load_tokenizer, resolve_model
+
+    path = resolve_model(load_config("smoke", []).models.target).path
+    tokenizer = load_tokenizer(path)
+    model = get_peft_model(
+        load_causal_lm(path, "float32", "cpu", False),
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+    ).eval()
+    with torch.no_grad():  # a trained-looking soft prompt, not its initial one
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    ids = tokenizer("Q: What colour is the sky on a clear day? A:")["input_ids"]
+    answers = [" Blue, mostly.", " Green on Tuesdays.", " It depends on the sea."]
+    requests = [(("q", a), ids, tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    requests += [(("m", "x"), ids[:6], [ids[6]]), (("m", "y"), ids[:6], [ids[7]])]  # MMLU's shape
+    shapes = []
+    model.get_base_model().register_forward_hook(
+        lambda _m, _a, kw, out: shapes.append(tuple(out.logits.shape[:2])), with_kwargs=True
+    )
+    got = _adapter_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=1)._loglikelihood_tokens(
+        requests
+    )
+    longest = max(len(r[2]) for r in requests[:3])
+    assert sorted(shapes) == sorted([(1, 1), (3, longest), (1, 1)]), "trimmed logits, one cached context"
+    # lm-eval's own path (batches of two): the whole sequence through PEFT's forward
+    full = _adapter_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=2)._loglikelihood_tokens(
+        requests
+    )
+    assert [g for _, g in got] == [f for _, f in full]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in full], abs=1e-4)
+    assert len({round(lp, 3) for lp, _ in got}) == len(requests)
 
 
 def test_answer_batches_stay_within_their_padded_budget():

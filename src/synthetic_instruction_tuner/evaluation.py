@@ -187,8 +187,8 @@ def _adapter_lm_class() -> type:
         how its generations end (`endings`): lm-eval keeps only the text, which cannot tell an answer
         that ended on EOS from one cut at `max_gen_toks`. Scoring one sequence at a time, it computes
         the output layer on the scored positions only (the same log-likelihoods, `logits_to_keep`),
-        and a context's answers after one cached pass over the context. It generates a batch in
-        groups of similar length (`padding_groups`)."""
+        and a context's answers in one batch after one cached pass over the context, prompt tuning
+        included (`_forward`). It generates a batch in groups of similar length (`padding_groups`)."""
 
         endings: dict[str, int]
 
@@ -233,7 +233,7 @@ def _adapter_lm_class() -> type:
                 key = hash(tuple((context + continuation)[-(self.max_length + 1) :][:-1]))
                 self.scored_positions[key] = max(self.scored_positions.get(key, 0), len(continuation))
             try:
-                if self.batch_size != 1 or _prompt_learning(self.model):
+                if self.batch_size != 1 or (_prompt_learning(self.model) and not _soft_prompt(self.model)):
                     return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
                 return self._per_context(requests, disable_tqdm)
             finally:
@@ -280,20 +280,13 @@ def _adapter_lm_class() -> type:
             prefix = windows[0][:split]
             if split < 1 or any(w[:split] != prefix for w in windows):
                 return None
-            dtype = self.mixed_precision_dtype
-
-            def forward(inps: Any, **kwargs: Any) -> Any:
-                with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
-                    return self.model(inps, **kwargs)
-
             results = []
             with (
                 self._heartbeat(f"evaluating: scoring {len(group)} answers after one context"),
                 torch.no_grad(),
             ):
-                context = forward(
-                    torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1
-                )
+                ids = torch.tensor([prefix], device=self.device)
+                context = self._forward(ids, use_cache=True, logits_to_keep=1)
                 for batch in answer_batches([len(w) - split for w in windows], ANSWER_BATCH_POSITIONS):
                     width = max(len(windows[i]) - split for i in batch)
                     inps = torch.full(
@@ -304,7 +297,9 @@ def _adapter_lm_class() -> type:
                     # padding after each answer: no answer position ever attends to it
                     cache = copy.deepcopy(context.past_key_values)
                     cache.batch_repeat_interleave(len(batch))
-                    logits = forward(inps, past_key_values=cache, logits_to_keep=width).logits
+                    logits = self._forward(
+                        inps, cached=True, past_key_values=cache, logits_to_keep=width
+                    ).logits
                     # outside autocast, as lm-eval takes it
                     logits = F.log_softmax(logits, dim=-1)
                     for row, i in enumerate(batch):
@@ -325,7 +320,11 @@ def _adapter_lm_class() -> type:
             virtual = getattr(config, "num_virtual_tokens", 0) or 0
             is_prompt_learning = _prompt_learning(self.model)
             keep = None
-            if inps.shape[0] == 1 and not is_prompt_learning and attn_mask is None:
+            if (
+                inps.shape[0] == 1
+                and attn_mask is None
+                and (not is_prompt_learning or _soft_prompt(self.model))
+            ):
                 keep = getattr(self, "scored_positions", {}).get(hash(tuple(inps[0].tolist())))
             with self._heartbeat(f"evaluating: scoring {inps.shape[0]} sequences"):
                 if not keep:
@@ -333,12 +332,26 @@ def _adapter_lm_class() -> type:
                     return logits[:, virtual:] if is_prompt_learning and virtual else logits
                 # the last `keep` positions only: lm-eval locates the continuation from the end
                 # (inplen + logits length - input length), so its slice picks the same rows
-                dtype = self.mixed_precision_dtype
-                with (
-                    torch.no_grad(),
-                    torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None),
-                ):
-                    return self.model(inps, logits_to_keep=keep).logits
+                with torch.no_grad():
+                    return self._forward(inps, logits_to_keep=keep).logits
+
+        def _forward(self, ids: Any, cached: bool = False, **kwargs: Any) -> Any:
+            """The model's forward on token ids under lm-eval's autocast. Prompt tuning runs through
+            its base model with the soft prompt's embeddings in front, as PEFT's own forward builds
+            them, so that it too computes the scored positions' logits only and reuses a context's
+            cache (`cached`: the ids extend a cached sequence that already holds the soft prompt)."""
+            import torch
+
+            model, inputs = self.model, {"input_ids": ids}
+            if _soft_prompt(self.model):
+                model = self.model.get_base_model()
+                if not cached:
+                    embeds = model.get_input_embeddings()(ids)
+                    prompt = self.model.get_prompt(batch_size=ids.shape[0]).to(embeds.dtype)
+                    inputs = {"inputs_embeds": torch.cat((prompt, embeds), dim=1)}
+            dtype = self.mixed_precision_dtype
+            with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
+                return model(**inputs, **kwargs)
 
     return AdapterLM
 
@@ -361,9 +374,16 @@ def answer_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
+def _soft_prompt(model: Any) -> bool:
+    """Whether `model` is a PEFT prompt-tuning model: virtual token embeddings put before the input's,
+    which step 07 can compute itself (not prefix tuning, whose prompt lives in every layer's cache)."""
+    config = getattr(model, "active_peft_config", None)
+    return str(getattr(config, "peft_type", "")).endswith("PROMPT_TUNING")
+
+
 def _prompt_learning(model: Any) -> bool:
-    """Whether `model` is a PEFT prompt-learning model (prompt tuning), whose forward prepends
-    virtual tokens and so has no plain prefix to cache or logits to trim."""
+    """Whether `model` is a PEFT prompt-learning model, whose forward prepends virtual tokens: only
+    prompt tuning's (`_soft_prompt`) are put in front by step 07 itself, to trim logits and cache."""
     return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
 
 
