@@ -6,6 +6,7 @@ import pytest
 
 from synthetic_instruction_tuner.benchmark_data import (
     DATA_DIR,
+    HELLASWAG_KEYS,
     authors_layout,
     convert_hellaswag,
     convert_mmlu,
@@ -66,18 +67,7 @@ def test_truthfulqa_copy_has_817_questions_with_hub_targets():
 def test_hellaswag_copy_holds_the_authors_validation_rows_in_the_hub_schema():
     rows = [row for path in shipped("hellaswag") for row in read_jsonl_gz(path)]
     assert len(rows) == 10042 == provenance()["hellaswag"]["rows"]
-    assert list(rows[0]) == [
-        "ind",
-        "activity_label",
-        "ctx_a",
-        "ctx_b",
-        "ctx",
-        "endings",
-        "source_id",
-        "split",
-        "split_type",
-        "label",
-    ]
+    assert list(rows[0]) == [*HELLASWAG_KEYS, "label"]  # the Hub's field order
     assert (
         rows[0]["ind"] == 24
         and rows[0]["label"] == "3"
