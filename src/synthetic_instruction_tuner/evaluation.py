@@ -378,7 +378,7 @@ def _soft_prompt(model: Any) -> bool:
     """Whether `model` is a PEFT prompt-tuning model: virtual token embeddings put before the input's,
     which step 07 can compute itself (not prefix tuning, whose prompt lives in every layer's cache)."""
     config = getattr(model, "active_peft_config", None)
-    return str(getattr(config, "peft_type", "")).endswith("PROMPT_TUNING")
+    return getattr(config, "peft_type", None) == "PROMPT_TUNING"  # PeftType is a str enum
 
 
 def _prompt_learning(model: Any) -> bool:

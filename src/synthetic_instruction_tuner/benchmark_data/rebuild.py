@@ -5,8 +5,9 @@
         [--hellaswag hellaswag_val.jsonl | HUB_ROWS_DIR] [--out DIR]
 
 Each option names the upstream file (MMLU: the folder holding dev/ and test/) at the commit listed in
-`SOURCES`; HellaSwag's may also be a `datasets` `save_to_disk` folder of the Hub's validation rows. Only the benchmarks given are rebuilt; the others keep their provenance entry. A benchmark
-never rebuilt stays `open`: no files, and lm-eval's task for it cannot run offline.
+`SOURCES`; HellaSwag's may also be a `datasets` `save_to_disk` folder of the Hub's validation rows.
+Only the benchmarks given are rebuilt; the others keep their provenance entry. A benchmark never
+rebuilt stays `open`: no files, and lm-eval's task for it cannot run offline.
 """
 
 from __future__ import annotations
