@@ -340,6 +340,30 @@ def test_repeat_rows_open_with_the_request_and_keep_to_families_allowed_beside_i
     assert families == {"punctuation:no_comma", "detectable_format:title", "startend:quotation"}
 
 
+def test_repeat_rows_word_the_repeat_otherwise_and_keep_the_other_constraints_wording():
+    records = _garden_records(12)
+    sets = ["sft_data.backtranslation_share=1.0", "sft_data.repeat_share=1.0", "sft_data.variants=2"]
+    registry = sft_train_rows(records, {}, {}, load_config("smoke", sets))
+    rows = sft_train_rows(records, {}, {}, load_config("smoke", [*sets, "sft_data.repeat_wording_share=1.0"]))
+    assert [r["constraints"] for r in rows] == [r["constraints"] for r in registry], "the same draws"
+    repeated = [r for r in rows if fe.REPEAT_ID in r["edited"]]
+    assert len(repeated) >= 16
+    sentences = set()
+    for row in repeated:
+        prompt, answer = (m["content"] for m in row["messages"])
+        cons = [ic.Constraint(c["instruction_id"], c["kwargs"]) for c in row["constraints"]]
+        *others, repeat = cons
+        asked = ic.WORDINGS[fe.REPEAT_ID]
+        sentence = next(s for s in (w(**repeat.kwargs) for w in asked) if row["constraint_text"].endswith(s))
+        sentences.add(sentence)
+        # the other constraints keep the registry's sentences; the check still reads task and wording apart
+        assert row["constraint_text"] == " ".join(p for p in (ic.describe(others), sentence) if p)
+        task, _ = split_prompt(prompt, cons, row["constraint_text"])
+        assert task == records[int(row["record_id"][1:])]["instruction"]
+        assert answer.startswith(repeat.kwargs["prompt_to_repeat"] + "\n\n") and all(ic.check(answer, cons))
+    assert len(sentences) >= 4, "the repeat is asked for in several ways"
+
+
 def test_combined_scores():
     assert combined_score("constraints", None, 0.5, 0.5) == 0.5
     assert combined_score("reward_model", 2.0, None, 0.5) == 2.0

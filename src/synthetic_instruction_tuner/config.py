@@ -169,6 +169,10 @@ class SftDataConfig:
     # share of back-translated rows' constraints worded in one of constraints.WORDINGS rather than
     # the registry's sentence: benchmark prompts word the same instruction many ways
     paraphrase_share: float = 0.0
+    # share of repeat rows whose repeat-the-request sentence is worded in one of constraints.WORDINGS
+    # (at least paraphrase_share; the row's other constraints keep that): IFEval words this
+    # instruction in several ways, and a student taught one sentence answers that sentence only
+    repeat_wording_share: float = 0.0
 
 
 @dataclass
@@ -506,14 +510,11 @@ def _check_consistency(cfg: Config, source: str) -> None:
     if cfg.filtering.contamination_ngram < 1:
         raise ConfigError(f"{source}: filtering.contamination_ngram must be at least 1")
     d = cfg.sft_data
-    if not 0 <= d.backtranslation_share <= 1:
-        raise ConfigError(f"{source}: sft_data.backtranslation_share must be within [0, 1]")
+    for share in ("backtranslation_share", "repeat_share", "paraphrase_share", "repeat_wording_share"):
+        if not 0 <= getattr(d, share) <= 1:
+            raise ConfigError(f"{source}: sft_data.{share} must be within [0, 1]")
     if d.variants < 1:
         raise ConfigError(f"{source}: sft_data.variants must be at least 1")
-    if not 0 <= d.repeat_share <= 1:
-        raise ConfigError(f"{source}: sft_data.repeat_share must be within [0, 1]")
-    if not 0 <= d.paraphrase_share <= 1:
-        raise ConfigError(f"{source}: sft_data.paraphrase_share must be within [0, 1]")
     _check_ids(d.constraint_ids, "sft_data.constraint_ids", d.max_constraints, source)
     if not 1 <= d.min_constraints <= d.max_constraints:
         raise ConfigError(f"{source}: sft_data needs 1 <= min_constraints <= max_constraints")

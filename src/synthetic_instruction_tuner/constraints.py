@@ -375,6 +375,18 @@ WORDINGS: dict[str, tuple[Callable[..., str], ...]] = {
         lambda prompt_to_repeat: (
             "Start by restating the request word for word, with nothing before it; then answer it."
         ),
+        lambda prompt_to_repeat: (
+            "Begin your reply with my message above, copied in full, and only then respond."
+        ),
+        lambda prompt_to_repeat: (
+            "Echo my request verbatim as the first thing you write; the answer comes after it."
+        ),
+        lambda prompt_to_repeat: (
+            "Quote the request back to me unchanged before anything else (not this sentence), then reply."
+        ),
+        lambda prompt_to_repeat: (
+            "Open with an exact copy of what I asked, no words ahead of it, followed by your answer."
+        ),
     ),
 }
 

@@ -236,11 +236,14 @@ def repeat_request(
     chosen: Sequence[ic.Constraint],
     rng: random.Random | None = None,
     share: float = 0.0,
+    repeat_share: float | None = None,
 ) -> tuple[str, str, ic.Constraint] | None:
     """The prompt with IFEval's repeat-the-request instruction after the others, and the response
     opened by the request word for word: the instruction and the other constraints' wording, as
     IFEval's 41 such prompts have it. None when the repeated text would break another of the row's
-    constraints (a comma, a capital letter, a word count) or IFEval's registry rules the pair out."""
+    constraints (a comma, a capital letter, a word count) or IFEval's registry rules the pair out.
+    ``share`` words the other constraints, ``repeat_share`` (default: ``share``) the repeat's own
+    sentence, both as `constraints.wording` does."""
     table = ic.conflicts()
     if any(c.instruction_id in table[REPEAT_ID] for c in chosen):
         return None
@@ -252,7 +255,8 @@ def repeat_request(
         return None
     # one description block, as add_constraints writes it, so the contamination check can tell the
     # task text from the constraint wording (``rng`` and ``share`` word it as `constraints.describe`)
-    block = " ".join(part for part in (described, ic.wording(constraint, rng, share)) if part)
+    asked = ic.wording(constraint, rng, share if repeat_share is None else repeat_share)
+    block = " ".join(part for part in (described, asked) if part)
     return ic.add_constraints(instruction, [*chosen, constraint], block), text, constraint
 
 

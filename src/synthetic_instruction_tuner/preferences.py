@@ -488,11 +488,18 @@ def _backtranslated_row(
     else:
         cons = bt.backtranslate(response, rng, k, allowed)
     # the wording's own stream, as the repeat's
-    words = _rng(cfg.seed, "wording", row_id) if d.paraphrase_share else None
+    words = _rng(cfg.seed, "wording", row_id) if d.paraphrase_share or d.repeat_wording_share else None
     text = ic.describe(cons, words, d.paraphrase_share)
     prompt = ic.add_constraints(record["instruction"], cons, text)
     if repeat and (
-        repeated := fe.repeat_request(record["instruction"], response, cons, words, d.paraphrase_share)
+        repeated := fe.repeat_request(
+            record["instruction"],
+            response,
+            cons,
+            words,
+            d.paraphrase_share,
+            max(d.paraphrase_share, d.repeat_wording_share),
+        )
     ):
         prompt, response, constraint = repeated
         cons, edited = [*cons, constraint], [*edited, fe.REPEAT_ID]
