@@ -113,6 +113,27 @@ def test_a_generation_key_makes_every_step_from_01_pending(tmp_path):
     assert statuses["02_generate_responses"][1] == "upstream 01_generate_instructions is pending"
 
 
+def test_an_sft_data_key_reruns_step_04_on_its_sweep_and_a_sampling_key_clears_it(tmp_path):
+    _complete_run(tmp_path)
+    statuses = _statuses(tmp_path, ("sft_data.variants=2",))
+    assert statuses["04_build_preferences"] == (
+        False,
+        "settings changed: sft_data.variants 1 → 2; keeps its appended records",
+        False,
+    )
+    assert {name for name, (complete, _, _) in statuses.items() if not complete} == {
+        "04_build_preferences",
+        "05_sft_lora",
+        "05b_prompt_tuning",
+        "06_dpo",
+        "07_evaluate",
+    }
+    # one key that changes what the sweep generates among them clears the step
+    both = _statuses(tmp_path, ("sft_data.variants=2", "preferences.top_p=0.9"))["04_build_preferences"]
+    assert both[1].startswith("settings changed: preferences.top_p 1.0 → 0.9, sft_data.variants 1 → 2")
+    assert both[2] is True
+
+
 def test_a_changed_upstream_file_propagates_and_names_the_step_that_wrote_it(tmp_path):
     _complete_run(tmp_path)
     cfg, paths = load_config("smoke"), run_paths(tmp_path)
@@ -226,6 +247,27 @@ def test_a_training_key_changed_after_a_complete_run_reruns_exactly_05_06_and_07
     assert json.loads((run / "adapters/sft_lora/metrics.json").read_text())["learning_rate"] == 1e-4
     assert set(_listing(run, *lr).values()) == {"complete"}
     assert _listing(run)["05_sft_lora"] == "pending settings changed: sft.learning_rate 0.0001 → 0.0002"
+
+
+def test_an_sft_data_key_rebuilds_the_sft_set_from_the_sweep_on_disk(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run)
+    samples, scores = run / "data/preference_samples.jsonl", run / "data/preference_scores.jsonl"
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in (samples, scores)}
+    rows_before = len(read_jsonl(run / "data/sft_train.jsonl"))
+    variants = ("--set", "sft_data.variants=2")
+    result = run_cli(["--profile", "smoke", "--run-dir", str(run), "--steps", "04", *variants])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (
+        "04_build_preferences: running (pipeline/04_build_preferences.py; settings changed: " in result.stdout
+    )
+    assert "cleared its outputs" not in result.stdout
+    # the sweep was read, not generated again: the same files, untouched
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in (samples, scores)} == before
+    assert len(read_jsonl(run / "data/sft_train.jsonl")) > rows_before
+    listing = _listing(run, *variants)
+    assert listing["04_build_preferences"] == "complete"
+    assert listing["05_sft_lora"] == "pending upstream 04_build_preferences changed (data/sft_train.jsonl)"
 
 
 PHASES = [s.name for s in PIPELINE] + ["reports"]

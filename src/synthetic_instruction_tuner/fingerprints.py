@@ -61,12 +61,13 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def settings_of(cfg: Config, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """The values of the declared keys (a key may name a whole section), as dotted key -> value."""
     flat = _flatten(cfg.to_dict())
-    chosen = {
-        k: v
-        for k, v in flat.items()
-        if k not in NOT_OUTPUT_KEYS and any(k == p or k.startswith(p + ".") for p in keys)
-    }
+    chosen = {k: v for k, v in flat.items() if k not in NOT_OUTPUT_KEYS and under(k, keys)}
     return _jsonable(dict(sorted(chosen.items())))
+
+
+def under(key: str, keys: tuple[str, ...] | list[str]) -> bool:
+    """Whether a dotted key is one of `keys` or inside a section they name."""
+    return any(key == p or key.startswith(p + ".") for p in keys)
 
 
 def file_digest(path: Path, size: int | None = None) -> dict[str, Any] | None:
@@ -127,14 +128,19 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def changed_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Every setting that differs, added and removed keys included, sorted."""
+    return sorted(
+        k for k in set(recorded) | set(current) if recorded.get(k, "(unset)") != current.get(k, "(unset)")
+    )
+
+
 def changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key old → new` for every setting that differs (added and removed keys included)."""
-    out = []
-    for key in sorted(set(recorded) | set(current)):
-        old, new = recorded.get(key, "(unset)"), current.get(key, "(unset)")
-        if old != new:
-            out.append(f"{key} {_short(old)} → {_short(new)}")
-    return out
+    return [
+        f"{key} {_short(recorded.get(key, '(unset)'))} → {_short(current.get(key, '(unset)'))}"
+        for key in changed_keys(recorded, current)
+    ]
 
 
 def changed_inputs(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -33,6 +33,9 @@ class Step:
     settings: tuple[str, ...] = ()  # config keys or sections that change what the step writes
     resumes_appended_inputs: bool = False  # rows appended upstream (none changed): resume, do not restart
     fingerprints_partials: bool = False  # partial results carry their own fingerprints: keep them
+    # settings that only select from what the step appends (records that carry their own settings
+    # and ids): changing only these reruns the step on its records instead of clearing them
+    selection_settings: tuple[str, ...] = ()
 
     @property
     def path(self) -> Path:
@@ -102,6 +105,16 @@ PIPELINE: tuple[Step, ...] = (
             "counts.preference_prompts",
             "sft_data",
             "filtering.contamination_ngram",  # held-out overlap, and the check of the rows as trained
+        ),
+        # the sweep's samples and scores carry their generator, sampling and scorer settings and ids
+        # with the prompt's hash: what only builds pairs and SFT rows from them keeps them
+        selection_settings=(
+            "sft_data",
+            "preferences.min_margin",
+            "preferences.backtranslate_pairs",
+            "preferences.format_edits",
+            "preferences.reward_weight",
+            "filtering.contamination_ngram",
         ),
     ),
     Step(
@@ -213,7 +226,11 @@ def step_status(step: Step, cfg: Config, paths: RunPaths) -> StepStatus:
     settings = fps.changed_settings(state["settings"], fp["settings"])
     if settings:
         more = f" and {len(settings) - 3} more" if len(settings) > 3 else ""
-        return StepStatus(False, f"settings changed: {', '.join(settings[:3])}{more}", True, fp)
+        reason = f"settings changed: {', '.join(settings[:3])}{more}"
+        keys = fps.changed_keys(state["settings"], fp["settings"])
+        if all(fps.under(key, step.selection_settings) for key in keys):
+            return StepStatus(False, f"{reason}; keeps its appended records", False, fp)
+        return StepStatus(False, reason, True, fp)
     inputs = fps.changed_inputs(state["inputs"], fp["inputs"])
     if inputs:
         appended = all(fps.only_appended(paths.root, n, state["inputs"].get(n)) for n in inputs)
