@@ -17,9 +17,11 @@ or a local directory. Every resolved model lands in the cache, so a second resol
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,13 +167,39 @@ def default_cache_output(filename: str) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def one_gguf_parse() -> Iterator[None]:
+    """Within it, `gguf.GGUFReader` parses each file once. transformers parses a GGUF file for its
+    tokenizer, again for its config and again for its weights, and the metadata of Gemma-3's
+    262k-token vocabulary takes ~14 s of Python each time. The reader only maps the file read-only."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _convert_gguf(name: str, final: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = gguf_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with one_gguf_parse():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
