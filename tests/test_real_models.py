@@ -38,3 +38,18 @@ def test_gemma_base_rebuilds_dense_and_trainable():
     loss = model(**ids, labels=ids["input_ids"]).loss
     loss.backward()  # a de-quantized GGUF model is not trainable; the rebuilt one is
     assert torch.isfinite(loss) and model.model.embed_tokens.weight.grad is not None
+
+
+def test_converting_a_gguf_model_parses_its_file_once(tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setenv("SIT_CACHE", str(tmp_path))
+    original, opened = gguf.GGUFReader, []
+
+    def counting(path, mode="r"):
+        opened.append(str(path))
+        return original(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    resolve_model("gguf:smollm2-135m-instruct")
+    assert len(opened) == len(set(opened)) >= 1  # tokenizer, config and weights share one parse
