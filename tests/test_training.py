@@ -235,3 +235,54 @@ def test_a_bf16_base_trains_fp32_lora_weights(smoke_run, tmp_path):
     before = {n: p.detach().clone() for n, p in trainable.items() if "lora_B" in n}
     trainer.train()
     assert any(not torch.equal(before[n], trainable[n].detach()) for n in before)  # lora_B starts at 0
+
+
+def test_lora_inputs_stay_bf16_under_cpu_autocast_with_the_same_losses(smoke_run, tmp_path):
+    """Skipping PEFT's fp32 cast of each adapted layer's input changes no number under bf16 autocast
+    without LoRA dropout (the matmul casts it back to bf16), and is left alone otherwise."""
+    from synthetic_instruction_tuner.training import skip_adapter_input_casts
+
+    overrides = ["hardware.dtype=bfloat16", "hardware.cpu_autocast=bfloat16", "sft.max_steps=3"]
+    overrides += ["sft.warmup_ratio=0", "sft.logging_steps=1", "sft.eval_steps=3", "lora.dropout=0"]
+    cfg = load_config("smoke", overrides)
+    runs = {}
+    for skip in (False, True):
+        trainer = lora_sft_trainer(cfg, smoke_run[0], tmp_path / str(skip))
+        if skip:
+            switched = skip_adapter_input_casts(trainer, cfg, "cpu")
+            assert switched == len(cfg.lora.target_modules) * trainer.model.config.num_hidden_layers
+        trainer.train()
+        runs[skip] = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        runs[skip].append(trainer.evaluate()["eval_loss"])
+    assert len(runs[False]) == 4 and runs[True] == runs[False]
+    for other in ("hardware.cpu_autocast=none", "lora.dropout=0.05"):
+        left = load_config("smoke", [*overrides, other])
+        assert (
+            skip_adapter_input_casts(lora_sft_trainer(left, smoke_run[0], tmp_path / other), left, "cpu") == 0
+        )
+
+
+def test_dense_lm_head_matches_full_logits_and_logs_the_sampled_entropy(smoke_run, tmp_path):
+    import torch
+
+    from synthetic_instruction_tuner.training import ENTROPY_STRIDE, use_dense_lm_head
+
+    cfg = load_config("smoke", ["sft.padding_free=false", "sft.max_length=null"])
+    trainer = lora_sft_trainer(cfg, smoke_run[0], tmp_path)
+    use_dense_lm_head(trainer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model.get_base_model()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        dense = model(**inputs, labels=batch["labels"], fused_lm_head=True)
+        logits = model(**inputs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    log_softmax = logits.log_softmax(-1)[mask]
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    assert mask.sum() > 2 * ENTROPY_STRIDE
+    torch.testing.assert_close(dense.log_probs[mask], log_softmax.gather(-1, labels[mask][:, None])[:, 0])
+    assert torch.equal(dense.is_top1[mask], log_softmax.argmax(-1) == labels[mask])
+    sampled = entropy[::ENTROPY_STRIDE].mean()
+    torch.testing.assert_close(dense.entropy[mask], sampled.expand(int(mask.sum())))
+    assert not torch.allclose(sampled, entropy.mean(), rtol=1e-6)  # a sample, not every position

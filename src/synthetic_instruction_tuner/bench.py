@@ -108,7 +108,15 @@ def _sft_worker(
 
     from .models import resolve_model
     from .steps import start_step
-    from .training import chat_tokenizer, load_target, lora_config, sft_config, sft_splits, use_dense_lm_head
+    from .training import (
+        chat_tokenizer,
+        load_target,
+        lora_config,
+        sft_config,
+        sft_splits,
+        skip_adapter_input_casts,
+        use_dense_lm_head,
+    )
 
     ctx = start_step(profile, run_dir, overrides)
     cfg = ctx.cfg
@@ -147,8 +155,10 @@ def _sft_worker(
         processing_class=chat_tokenizer(resolve_model(cfg.models.target).path),
         peft_config=lora_config(cfg),
     )
-    if which == "ours" and cfg.hardware.dense_lm_head:
-        use_dense_lm_head(trainer)
+    if which == "ours":
+        skip_adapter_input_casts(trainer, cfg, ctx.device)
+        if cfg.hardware.dense_lm_head:
+            use_dense_lm_head(trainer)
     result = trainer.train()
     eval_loss = trainer.evaluate()["eval_loss"]
     return {
