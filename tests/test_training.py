@@ -286,3 +286,23 @@ def test_dense_lm_head_matches_full_logits_and_logs_the_sampled_entropy(smoke_ru
     sampled = entropy[::ENTROPY_STRIDE].mean()
     torch.testing.assert_close(dense.entropy[mask], sampled.expand(int(mask.sum())))
     assert not torch.allclose(sampled, entropy.mean(), rtol=1e-6)  # a sample, not every position
+
+
+def test_label_log_probs_match_autograds_log_softmax_in_value_and_gradient():
+    """The dense LM head's log p(label): forward and backward as log_softmax + gather give them."""
+    import torch
+
+    from synthetic_instruction_tuner.training import _label_log_prob
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 3, 49, 7, 20])
+    weights = torch.randn(6, dtype=torch.float64)  # a loss that weighs positions differently
+    expected_in = logits.clone().requires_grad_()
+    expected = expected_in.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    (expected * weights).sum().backward()
+    ours_in = logits.clone().requires_grad_()
+    ours = _label_log_prob().apply(ours_in * 1, targets)  # a non-leaf, as the LM head's output is
+    (ours * weights).sum().backward()
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(ours_in.grad, expected_in.grad)

@@ -292,7 +292,8 @@ def use_dense_lm_head(trainer: Any) -> None:
     GPU. On a CPU that path scores every position, labelled or not, with chunked element-wise
     kernels that cost more than the model's matmuls (70% of an SFT step on Gemma-3-270M and its
     262k-token vocabulary; `bench sft`). With memory to spare, one projection of the labelled
-    positions followed by `log_softmax` is 1.7x faster and gives the same numbers (tested). The
+    positions followed by their log-softmax at the labels (`_label_log_prob`) is 1.7x faster and
+    gives the same numbers (tested). The
     fields TRL reads for its metrics (entropy, mean logit, top-1 match) are computed without gradient,
     the entropy on a sample of positions (ENTROPY_STRIDE).
     """
@@ -360,9 +361,8 @@ def skip_adapter_input_casts(trainer: Any, cfg: Config, device: str) -> int:
     PEFT casts each adapted layer's input to the adapter's dtype (fp32) and autocast casts it straight
     back to bf16 for the matmul: without LoRA dropout, two copies per layer and step, and their
     backward, that change no number (the same losses, tested) and cost 5% of a Gemma-3-270M SFT step
-    on 2 cores. PEFT's own
-    switch for this (`cast_input_dtype_enabled`, as in `peft.helpers.disable_input_dtype_casting`).
-    Returns how many layers were switched.
+    on 2 cores. This sets PEFT's own switch for them (`cast_input_dtype_enabled`, which
+    `peft.helpers.disable_input_dtype_casting` sets too). Returns how many layers were switched.
     """
     if device != "cpu" or cfg.hardware.cpu_autocast != "bfloat16" or cfg.lora.dropout:
         return 0  # LoRA's dropout would scale a bf16 input instead of an fp32 one
