@@ -390,6 +390,59 @@ def test_prompt_tuning_is_scored_on_trimmed_logits_and_a_cached_context_with_the
     assert len({round(lp, 3) for lp, _ in got}) == len(requests)
 
 
+@pytest.mark.parametrize("soft_prompt", [False, True])
+def test_contexts_that_open_with_one_few_shot_prompt_extend_one_cached_pass_over_it(soft_prompt):
+    from lm_eval.models.huggingface import HFLM
+    from peft import PromptTuningConfig, get_peft_model
+
+    from synthetic_instruction_tuner.config import load_config
+    from synthetic_instruction_tuner.evaluation import SHARED_PREFIX_TOKENS, _adapter_lm_class
+    from synthetic_instruction_tuner.models import load_causal_lm, load_tokenizer, resolve_model
+
+    path = resolve_model(load_config("smoke", []).models.target).path
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, "float32", "cpu", False)
+    if soft_prompt:
+        model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)).eval()
+        with torch.no_grad():
+            model.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    shots = tokenizer(" ".join(f"Q: What is {n} plus {n}? A: {2 * n}." for n in range(12)))["input_ids"]
+    assert len(shots) > SHARED_PREFIX_TOKENS
+    questions = ("Why?", "Who is it?", "Where?", "When was it?")
+    tokens = [tokenizer(f" Q: {q} A:", add_special_tokens=False)["input_ids"] for q in questions]
+    letters = [tokenizer(c, add_special_tokens=False)["input_ids"][:1] for c in (" A", " B", " C")]
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in (" Four.", " Nobody at all.")]
+    requests = [(("m", i, j), shots + q, a) for i, q in enumerate(tokens[:2]) for j, a in enumerate(letters)]
+    requests += [(("t", i, j), shots + q, a) for i, q in enumerate(tokens[2:]) for j, a in enumerate(answers)]
+    requests.append((("z", 0), tokens[0], letters[0]))  # opens differently: scored on its own
+    lengths = []
+    (model.get_base_model() if soft_prompt else model).register_forward_hook(
+        lambda _m, _a, kw, out: lengths.append(out.logits.shape[1] if kw.get("past_key_values") else -1),
+        with_kwargs=True,
+    )
+    lm = _adapter_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    got = lm._loglikelihood_tokens(requests)
+    # the shared prompt once; then per context only what follows it, on a copy of its cache
+    assert lengths.count(-1) == 2, "one pass over the few-shot prompt, one over the context that differs"
+    assert len(lengths) == 2 + 2 + 2 * 2, "MMLU's shape: one pass a question; MC2's: context, answers"
+    full_cls = _adapter_lm_class() if soft_prompt else HFLM
+    full = full_cls(pretrained=model, tokenizer=tokenizer, batch_size=2)._loglikelihood_tokens(requests)
+    assert [g for _, g in got] == [f for _, f in full]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in full], abs=1e-4)
+    assert len({round(lp, 3) for lp, _ in got}) > len(requests) // 2
+
+
+def test_shared_prefix_lengths_cover_runs_of_contexts_with_a_long_common_opening():
+    from synthetic_instruction_tuner.evaluation import shared_prefix_lengths
+
+    a, b = [1, 2, 3, 4, 5], [1, 2, 3, 9, 9]
+    assert shared_prefix_lengths([a, b, [*a, 6], [7, 8]], 3) == [3, 3, 3, 0]
+    assert shared_prefix_lengths([a, b, a], 4) == [0, 0, 0], "common openings too short"
+    assert shared_prefix_lengths([a, None, a], 3) == [0, 0, 0], "a run stops at a context lm-eval scores"
+    assert shared_prefix_lengths([a, a[:4], a], 3) == [4, 4, 4]
+    assert shared_prefix_lengths([], 3) == []
+
+
 def test_answer_batches_stay_within_their_padded_budget():
     from synthetic_instruction_tuner.evaluation import answer_batches
 

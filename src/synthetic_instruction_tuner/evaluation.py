@@ -42,6 +42,7 @@ import random
 import shutil
 import string
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .comparison import family_table, paired_table, prompt_echo_table
@@ -243,50 +244,121 @@ def _adapter_lm_class() -> type:
             """lm-eval's scoring run one context at a time, so that a context's answers of several
             tokens (TruthfulQA MC2: ~8 answers after one ~700-token 6-shot prompt; HellaSwag: 4 after
             ~60) are scored in one batch after one cached pass over it (`_answers_after_context`)
-            instead of each from the start. One-token answers (MMLU) already share one forward in
-            lm-eval and are passed through as they are, as is a context cut to the model's length."""
+            instead of each from the start, and one-token answers (MMLU) after one pass that ends at
+            them (`_answers_in_one_window`). Consecutive contexts that open with the same few-shot
+            prompt (MMLU's 5 examples of a subject, TruthfulQA's 6 questions) extend one cached pass
+            over it (`shared_prefix_lengths`); a context cut to the model's length goes to lm-eval."""
             from tqdm import tqdm
 
             groups: dict[tuple, list[int]] = {}
             for i, (_, context, _) in enumerate(requests):
                 groups.setdefault(tuple(context), []).append(i)
+            plans = [self._plan([requests[i] for i in rows]) for rows in groups.values()]
+            shared_lengths = shared_prefix_lengths(
+                [plan[1] if plan else None for plan in plans], SHARED_PREFIX_TOKENS
+            )
             results: list = [None] * len(requests)
+            shared: tuple[list[int], Any] | None = None
             bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
-            for rows in groups.values():
+            for rows, plan, length in zip(groups.values(), plans, shared_lengths, strict=True):
                 group = [requests[i] for i in rows]
-                scored = self._answers_after_context(group)
-                if scored is None:
+                if plan is None:
                     scored = super()._loglikelihood_tokens(group, disable_tqdm=True)
+                else:
+                    if length and (shared is None or shared[0] != plan[1][:length]):
+                        shared = (plan[1][:length], self._cache_over(plan[1][:length]))
+                    scored = plan[0](group, shared if length else None)
+                    for (key, _, _), answer in zip(group, scored, strict=True):
+                        if key is not None:
+                            self.cache_hook.add_partial("loglikelihood", key, answer)
                 for i, result in zip(rows, scored, strict=True):
                     results[i] = result
                 bar.update(len(rows))
             bar.close()
             return results
 
-        def _answers_after_context(self, group: list) -> list | None:
-            """(log-likelihood, is greedy) of each answer of one context, as lm-eval computes them
-            (the same window, log-softmax in the logits' dtype), from one forward over the context
-            and one right-padded batch of its answers on copies of that cache; None where the answers
-            share no whole context (one-token answers, a window cut at the model's length)."""
-            import torch
-            import torch.nn.functional as F
-
+        def _plan(self, group: list) -> tuple[Any, list[int]] | None:
+            """How one context's answers are scored, and the tokens a cache may hold before that
+            scoring starts (what it may share with its neighbours); None: lm-eval's own way."""
             windows = [(context + answer)[-(self.max_length + 1) :][:-1] for _, context, answer in group]
+            if len({tuple(w) for w in windows}) == 1:
+                keep = max(len(answer) for _, _, answer in group)
+                if keep >= len(windows[0]):
+                    return None
+                return self._answers_in_one_window, windows[0][:-keep]
             splits = {len(w) - len(answer) for w, (_, _, answer) in zip(windows, group, strict=True)}
-            answers = [answer for _, _, answer in group]
-            if len(splits) != 1 or len({tuple(a[:-1]) for a in answers}) == 1:
+            if len(splits) != 1:
                 return None
             (split,) = splits
             prefix = windows[0][:split]
             if split < 1 or any(w[:split] != prefix for w in windows):
                 return None
+            return self._answers_after_context, prefix
+
+        def _cache_over(self, ids: list[int]) -> Any:
+            import torch
+
+            with (
+                self._heartbeat(f"evaluating: caching a shared prompt of {len(ids)} tokens"),
+                torch.no_grad(),
+            ):
+                return self._forward(
+                    torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1
+                ).past_key_values
+
+        def _extend(self, ids: list[int], shared: tuple[list[int], Any] | None, **kwargs: Any) -> Any:
+            """The forward over `ids` (use_cache, `kwargs`), on a copy of the shared prompt's cache
+            where `ids` opens with it: only the tokens after it are computed."""
+            import torch
+
+            if shared is None:
+                return self._forward(torch.tensor([ids], device=self.device), use_cache=True, **kwargs)
+            rest, cache = ids[len(shared[0]) :], copy.deepcopy(shared[1])
+            if not rest:  # a context that is the shared prompt itself
+                return SimpleNamespace(past_key_values=cache, logits=None)
+            return self._forward(
+                torch.tensor([rest], device=self.device),
+                cached=True,
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            )
+
+        def _answers_in_one_window(self, group: list, shared: tuple[list[int], Any] | None) -> list:
+            """(log-likelihood, is greedy) of answers that all end one window (MMLU's letters after one
+            question): one forward, the output layer on the answers' positions only."""
+            import torch
+            import torch.nn.functional as F
+
+            window = (group[0][1] + group[0][2])[-(self.max_length + 1) :][:-1]
+            keep = max(len(answer) for _, _, answer in group)
+            with self._heartbeat(f"evaluating: scoring {len(group)} answers in one window"), torch.no_grad():
+                logits = self._extend(window, shared, logits_to_keep=keep).logits
+                logits = F.log_softmax(logits[0], dim=-1)
+                results = []
+                for _, _, answer in group:
+                    target = torch.tensor(answer, device=self.device)
+                    scores = logits[keep - len(answer) :]
+                    greedy = bool((scores.argmax(dim=-1) == target).all())
+                    results.append((float(scores.gather(1, target[:, None]).sum()), greedy))
+            return results
+
+        def _answers_after_context(self, group: list, shared: tuple[list[int], Any] | None) -> list:
+            """(log-likelihood, is greedy) of each answer of one context, as lm-eval computes them
+            (the same window, log-softmax in the logits' dtype), from one forward over the context
+            and one right-padded batch of its answers on copies of that cache."""
+            import torch
+            import torch.nn.functional as F
+
+            windows = [(context + answer)[-(self.max_length + 1) :][:-1] for _, context, answer in group]
+            answers = [answer for _, _, answer in group]
+            split = len(windows[0]) - len(answers[0])
             results = []
             with (
                 self._heartbeat(f"evaluating: scoring {len(group)} answers after one context"),
                 torch.no_grad(),
             ):
-                ids = torch.tensor([prefix], device=self.device)
-                context = self._forward(ids, use_cache=True, logits_to_keep=1)
+                context = self._extend(windows[0][:split], shared, logits_to_keep=1)
                 for batch in answer_batches([len(w) - split for w in windows], ANSWER_BATCH_POSITIONS):
                     width = max(len(windows[i]) - split for i in batch)
                     inps = torch.full(
@@ -307,11 +379,7 @@ def _adapter_lm_class() -> type:
                         scores = logits[row, : len(target)]
                         greedy = bool((scores.argmax(dim=-1) == target).all())
                         results.append((i, (float(scores.gather(1, target[:, None]).sum()), greedy)))
-            ordered = [answer for _, answer in sorted(results)]
-            for (key, _, _), answer in zip(group, ordered, strict=True):
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, answer)
-            return ordered
+            return [answer for _, answer in sorted(results)]
 
         def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
             import torch
@@ -354,6 +422,39 @@ def _adapter_lm_class() -> type:
                 return model(**inputs, **kwargs)
 
     return AdapterLM
+
+
+# a run of consecutive contexts that open with at least this many tokens in common is scored on one
+# cached pass over them (a chat template's header alone is ~5; MMLU's 5-shot prompt ~500-1,000)
+SHARED_PREFIX_TOKENS = 64
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def shared_prefix_lengths(stems: list[list[int] | None], minimum: int) -> list[int]:
+    """Per stem, in order, how many of its first tokens it shares with every stem of the run of
+    consecutive stems it belongs to, where a run's common prefix is at least `minimum` tokens long
+    and it has two stems or more; 0 for a stem outside any run (or None)."""
+    lengths = [0] * len(stems)
+    i = 0
+    while i < len(stems):
+        first = stems[i]
+        j, common = i + 1, len(first) if first is not None else 0
+        while first is not None and j < len(stems) and stems[j] is not None:
+            shared = _common_length(first[:common], stems[j])
+            if shared < minimum:
+                break
+            common, j = shared, j + 1
+        if j - i > 1:
+            lengths[i:j] = [common] * (j - i)
+        i = max(j, i + 1)
+    return lengths
 
 
 # answer positions per batch after a cached context: the log-softmax over Gemma's 262k-token
