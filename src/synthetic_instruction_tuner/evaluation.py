@@ -247,7 +247,8 @@ def _adapter_lm_class() -> type:
             instead of each from the start, and one-token answers (MMLU) after one pass that ends at
             them (`_answers_in_one_window`). Consecutive contexts that open with the same few-shot
             prompt (MMLU's 5 examples of a subject, TruthfulQA's 6 questions) extend one cached pass
-            over it (`shared_prefix_lengths`); a context cut to the model's length goes to lm-eval."""
+            over it (`shared_prefix_lengths`). Answers whose windows, cut to the model's length, no
+            longer share one context go to lm-eval's own loop."""
             from tqdm import tqdm
 
             groups: dict[tuple, list[int]] = {}
