@@ -188,7 +188,8 @@ def _adapter_lm_class() -> type:
         how its generations end (`endings`): lm-eval keeps only the text, which cannot tell an answer
         that ended on EOS from one cut at `max_gen_toks`. Scoring one sequence at a time, it computes
         the output layer on the scored positions only (the same log-likelihoods, `logits_to_keep`),
-        and a context's answers in one batch after one cached pass over the context, prompt tuning
+        and a context's answers in one batch after one cached pass over the context, which itself
+        extends a cached pass over the few-shot prompt it shares with its neighbours, prompt tuning
         included (`_forward`). It generates a batch in groups of similar length (`padding_groups`)."""
 
         endings: dict[str, int]
