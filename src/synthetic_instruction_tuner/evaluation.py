@@ -232,7 +232,7 @@ def _adapter_lm_class() -> type:
             # by the input's hash: the whole of MMLU holds ~14M tokens, too many to keep as tuples
             self.scored_positions = {}
             for _, context, continuation in requests:
-                key = hash(tuple((context + continuation)[-(self.max_length + 1) :][:-1]))
+                key = hash(tuple(self._window(context, continuation)))
                 self.scored_positions[key] = max(self.scored_positions.get(key, 0), len(continuation))
             try:
                 if self.batch_size != 1 or (_prompt_learning(self.model) and not _soft_prompt(self.model)):
@@ -279,10 +279,14 @@ def _adapter_lm_class() -> type:
             bar.close()
             return results
 
+        def _window(self, context: list[int], answer: list[int]) -> list[int]:
+            """The tokens lm-eval feeds the model to score `answer` after `context`."""
+            return (context + answer)[-(self.max_length + 1) :][:-1]
+
         def _plan(self, group: list) -> tuple[Any, list[int]] | None:
             """How one context's answers are scored, and the tokens a cache may hold before that
             scoring starts (what it may share with its neighbours); None: lm-eval's own way."""
-            windows = [(context + answer)[-(self.max_length + 1) :][:-1] for _, context, answer in group]
+            windows = [self._window(context, answer) for _, context, answer in group]
             if len({tuple(w) for w in windows}) == 1:
                 keep = max(len(answer) for _, _, answer in group)
                 if keep >= len(windows[0]):
@@ -332,7 +336,7 @@ def _adapter_lm_class() -> type:
             import torch
             import torch.nn.functional as F
 
-            window = (group[0][1] + group[0][2])[-(self.max_length + 1) :][:-1]
+            window = self._window(group[0][1], group[0][2])
             keep = max(len(answer) for _, _, answer in group)
             with self._heartbeat(f"evaluating: scoring {len(group)} answers in one window"), torch.no_grad():
                 logits = self._extend(window, shared, logits_to_keep=keep).logits
@@ -352,7 +356,7 @@ def _adapter_lm_class() -> type:
             import torch
             import torch.nn.functional as F
 
-            windows = [(context + answer)[-(self.max_length + 1) :][:-1] for _, context, answer in group]
+            windows = [self._window(context, answer) for _, context, answer in group]
             answers = [answer for _, _, answer in group]
             split = len(windows[0]) - len(answers[0])
             results = []
@@ -432,11 +436,8 @@ SHARED_PREFIX_TOKENS = 64
 
 
 def _common_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    """How many first tokens `a` and `b` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def shared_prefix_lengths(stems: list[list[int] | None], minimum: int) -> list[int]:
