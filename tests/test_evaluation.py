@@ -510,3 +510,31 @@ def test_new_heldout_prompts_redo_only_the_tasks_built_from_them(tmp_path):
     assert redone == ["sit_heldout_ifeval", "sit_heldout_ppl"]
     changed = task_fingerprint(load_config("smoke", ["evaluation.ifeval_docs=7"]), paths, "base", "ifeval")
     assert changed != after[("base", "ifeval")], "step 07's settings still count"
+
+
+def test_resizing_one_task_keeps_the_others_results(tmp_path):
+    from synthetic_instruction_tuner.config import load_config
+    from synthetic_instruction_tuner.evaluation import _finished_task, task_fingerprint, task_result_path
+    from synthetic_instruction_tuner.store import run_paths, write_json
+
+    paths = run_paths(tmp_path)
+    before = load_config("smoke", ["evaluation.hellaswag_docs=50", "evaluation.ifeval_docs=0"])
+    for task in ("ifeval", "hellaswag", "sit_ifbench"):
+        log = paths.eval / "samples" / "base" / f"{task}.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("{}\n")
+        record = {"fingerprint": task_fingerprint(before, paths, "base", task), "sample_logs": [task]}
+        write_json(task_result_path(paths, "base", task), record)
+
+    def kept(overrides: list[str]) -> list[str]:
+        cfg = load_config("smoke", ["evaluation.hellaswag_docs=50", "evaluation.ifeval_docs=0", *overrides])
+        tasks = ("ifeval", "hellaswag", "sit_ifbench")
+        return [t for t in tasks if _finished_task(paths, "base", t, task_fingerprint(cfg, paths, "base", t))]
+
+    assert kept([]) == ["ifeval", "hellaswag", "sit_ifbench"]
+    # the full-set setting: every size changes, and IFEval (already whole) keeps its result
+    full = ["evaluation.hellaswag_docs=0", "counts.eval_ifbench=0", "evaluation.mmlu_docs_per_subject=0"]
+    assert kept(full) == ["ifeval"]
+    assert kept(["evaluation.local_tasks=[hellaswag]"]) == ["ifeval", "hellaswag", "sit_ifbench"]
+    assert kept(["evaluation.ifeval_docs=7"]) == ["hellaswag", "sit_ifbench"]
+    assert kept(["evaluation.bootstrap_iters=10"]) == [], "a setting every task reads still counts"

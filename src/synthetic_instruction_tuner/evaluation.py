@@ -603,14 +603,37 @@ def task_result_path(paths: RunPaths, method: str, task: str) -> Path:
     return paths.eval / "results" / method / f"{task}.json"
 
 
+def _sizing_keys() -> dict[str, str]:
+    """Settings that size one task only (dotted key -> task)."""
+    keys = {f"evaluation.{b.docs_setting}": name for name, b in BENCHMARKS.items()}
+    return {**keys, "evaluation.mmlu_fewshot": "mmlu", "counts.eval_ifbench": "sit_ifbench"}
+
+
+def task_view(fingerprint: dict[str, Any], task: str) -> dict[str, Any]:
+    """The part of a fingerprint one task's result depends on: without the task lists and the
+    sizes of the other tasks, so that e.g. the full-set setting after a default run keeps IFEval's
+    541 and the held-out results and redoes only the tasks it resizes."""
+    sizing = _sizing_keys()
+    ignored = {"evaluation.local_tasks", "evaluation.hub_tasks"}
+    settings = {
+        key: value
+        for key, value in (fingerprint.get("settings") or {}).items()
+        if key not in ignored and sizing.get(key, task) == task
+    }
+    return json.loads(json.dumps({**fingerprint, "settings": settings}))
+
+
 def _finished_task(paths: RunPaths, method: str, task: str, fingerprint: dict[str, Any]) -> dict | None:
-    """A task's recorded result if it was produced under this fingerprint and its sample logs exist."""
+    """A task's recorded result if it was produced under this fingerprint (as far as the task
+    depends on it) and its sample logs exist."""
     path = task_result_path(paths, method, task)
     try:
         record = read_json(path) if path.exists() else None
     except PipelineError:
         return None
-    if not isinstance(record, dict) or record.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), dict):
+        return None
+    if task_view(record["fingerprint"], task) != task_view(fingerprint, task):
         return None
     logs = [paths.eval / "samples" / method / f"{name}.jsonl" for name in record.get("sample_logs", [])]
     return record if all(log.exists() for log in logs) else None
