@@ -84,6 +84,21 @@ def test_settings_that_change_only_how_a_step_runs_make_nothing_stale(tmp_path, 
     assert all(complete for complete, _, _ in _statuses(tmp_path, (override,)).values())
 
 
+def test_a_setting_added_since_the_run_makes_nothing_stale_while_it_is_null(tmp_path):
+    _complete_run(tmp_path)
+    state = read_state(tmp_path, "06_dpo")
+    del (
+        state["settings"]["dpo.loss_weights"],
+        state["settings"]["dpo.beta"],
+    )  # as recorded before they existed
+    write_state(tmp_path, "06_dpo", {k: state[k] for k in ("settings", "inputs")}, "complete")
+    statuses = _statuses(tmp_path)
+    assert statuses["06_dpo"] == (False, "settings changed: dpo.beta (unset) → 0.1", True)
+    state["settings"]["dpo.beta"] = 0.1
+    write_state(tmp_path, "06_dpo", {k: state[k] for k in ("settings", "inputs")}, "complete")
+    assert all(complete for complete, _, _ in _statuses(tmp_path).values())
+
+
 def test_a_training_key_makes_its_step_and_everything_downstream_pending(tmp_path):
     _complete_run(tmp_path)
     statuses = _statuses(tmp_path, ("sft.learning_rate=1e-4",))

@@ -128,18 +128,21 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _shown(settings: dict[str, Any], key: str) -> str:
+    return _short(settings[key]) if key in settings else "(unset)"
+
+
 def changed_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Every setting that differs, added and removed keys included, sorted."""
-    return sorted(
-        k for k in set(recorded) | set(current) if recorded.get(k, "(unset)") != current.get(k, "(unset)")
-    )
+    """Every setting that differs, added and removed keys included, sorted. A key absent on one side
+    and null on the other is no change: a new setting arrives with null for "off", and a run recorded
+    before it existed must not be redone for it."""
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
 
 
 def changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key old → new` for every setting that differs (added and removed keys included)."""
     return [
-        f"{key} {_short(recorded.get(key, '(unset)'))} → {_short(current.get(key, '(unset)'))}"
-        for key in changed_keys(recorded, current)
+        f"{key} {_shown(recorded, key)} → {_shown(current, key)}" for key in changed_keys(recorded, current)
     ]
 
 
