@@ -87,10 +87,8 @@ def test_settings_that_change_only_how_a_step_runs_make_nothing_stale(tmp_path, 
 def test_a_setting_added_since_the_run_makes_nothing_stale_while_it_is_null(tmp_path):
     _complete_run(tmp_path)
     state = read_state(tmp_path, "06_dpo")
-    del (
-        state["settings"]["dpo.loss_weights"],
-        state["settings"]["dpo.beta"],
-    )  # as recorded before they existed
+    for key in ("dpo.loss_weights", "dpo.beta"):  # as recorded before these settings existed
+        del state["settings"][key]
     write_state(tmp_path, "06_dpo", {k: state[k] for k in ("settings", "inputs")}, "complete")
     statuses = _statuses(tmp_path)
     assert statuses["06_dpo"] == (False, "settings changed: dpo.beta (unset) → 0.1", True)
