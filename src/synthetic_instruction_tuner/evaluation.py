@@ -25,7 +25,8 @@ and the teacher instead (`vllm_eval`); prompt tuning stays on ``hf``.
 Per method and task: ``eval/results/<method>/<task>.json`` (lm-eval's results for that task, how its
 generations ended, and the fingerprint they were produced under: a rerun redoes only tasks without
 results under the current settings and adapter) and ``eval/samples/<method>/<task>.jsonl``
-(lm-eval's per-sample logs). Per method: ``eval/<method>.json``, the tasks' results merged.
+(lm-eval's per-sample logs). While a log-likelihood benchmark runs, its scored answers accumulate
+in ``eval/cache/<method>/`` (lm-eval's own request cache), so a kill midway loses none of them. Per method: ``eval/<method>.json``, the tasks' results merged.
 ``eval/summary.json`` holds every metric with a percentile-bootstrap confidence interval over prompts,
 paired differences between methods on the same prompts, accuracy per constraint family and how
 often an answer opens by repeating its prompt (`comparison`). A group's subtasks (MMLU's 57 subjects)
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
 import json
 import random
@@ -547,11 +549,15 @@ def _tasks(cfg: Config) -> list[tuple[str, int | None]]:
     return [(t, e.mmlu_fewshot if t == "mmlu" else None) for t in tasks]
 
 
+def _scored(task: str) -> bool:
+    """A log-likelihood benchmark (MMLU, TruthfulQA, HellaSwag): its answers are scored, not generated."""
+    return task in BENCHMARKS and task != "ifeval"
+
+
 def _batch_size(cfg: Config, task: str) -> int:
     """Rows per forward: log-likelihood benchmarks can have their own, smaller batch."""
     e = cfg.evaluation
-    scored = task in BENCHMARKS and task != "ifeval"
-    return e.loglikelihood_batch_size if scored and e.loglikelihood_batch_size else e.batch_size
+    return e.loglikelihood_batch_size if _scored(task) and e.loglikelihood_batch_size else e.batch_size
 
 
 def _gen_kwargs(cfg: Config, task: str) -> dict[str, int] | None:
@@ -639,6 +645,38 @@ def _finished_task(paths: RunPaths, method: str, task: str, fingerprint: dict[st
     return record if all(log.exists() for log in logs) else None
 
 
+def answer_cache(paths: RunPaths, method: str, task: str, fingerprint: dict[str, Any]) -> Path | None:
+    """Where lm-eval's CachingLM keeps a log-likelihood benchmark's scored answers as they come (one
+    SQLite file per process: `<this>_rank<N>.db`), so that a task killed midway (HellaSwag whole:
+    ~1 h on 2 CPU cores) resumes from them. It caches by request text alone, hence one file per
+    method and fingerprint. Generation tasks are not cached: their ending counts cover every answer."""
+    if not _scored(task):
+        return None
+    view = json.dumps(task_view(fingerprint, task), sort_keys=True)
+    return paths.eval / "cache" / method / f"{task}-{hashlib.sha256(view.encode()).hexdigest()[:16]}"
+
+
+def _cached_answers(cache: Path) -> int:
+    """How many answers earlier, killed attempts at a task left in its cache files."""
+    from sqlitedict import SqliteDict
+
+    total = 0
+    for db in cache.parent.glob(f"{cache.name}_rank*.db"):
+        with SqliteDict(str(db), flag="r") as answers:
+            total += len(answers)
+    return total
+
+
+def _detach_cache(lm: Any) -> None:
+    """Close the cache CachingLM hooked into `lm`: the next task must not write into it."""
+    from lm_eval.api.model import CacheHook
+
+    dbdict = getattr(getattr(lm, "cache_hook", None), "dbdict", None)
+    if dbdict is not None:
+        dbdict.close()
+    lm.set_cache_hook(CacheHook(None))
+
+
 @functools.cache
 def _task_manager(include_path: str | None, _task_texts: str) -> Any:
     """lm-eval's task index (thousands of YAML files), built once per process for every method."""
@@ -651,15 +689,40 @@ def _task_manager(include_path: str | None, _task_texts: str) -> Any:
     return TaskManager(include_path=include_path) if include_path else TaskManager()
 
 
+def _simple_evaluate(
+    cfg: Config, lm: Any, task: str, fewshot: int | None, manager: Any, cache: Path | None
+) -> dict[str, Any] | None:
+    """lm-eval's own evaluation of one task, as every profile runs it."""
+    import lm_eval
+
+    e = cfg.evaluation
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task],
+        num_fewshot=fewshot,
+        limit=e.limit,
+        bootstrap_iters=e.bootstrap_iters,
+        log_samples=True,
+        gen_kwargs=_gen_kwargs(cfg, task),
+        apply_chat_template=True,  # the same prompt format for every method, base included
+        fewshot_as_multiturn=bool(fewshot),
+        task_manager=manager,
+        use_cache=None if cache is None else str(cache),
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+    )
+
+
 def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> dict[str, Any]:
     """Run every task for one method; write eval/<method>.json and its sample logs.
 
     Each task's results go to eval/results/<method>/<task>.json (atomically, with the fingerprint
     they were produced under) as soon as the task finishes, so a run killed in the middle of a task
-    redoes only that task. Tasks already recorded under the current fingerprint are not rerun.
+    redoes only that task, and a log-likelihood benchmark only its answers not yet scored
+    (`answer_cache`). Tasks already recorded under the current fingerprint are not rerun.
     """
-    import lm_eval
-
     e = cfg.evaluation
     fingerprints = {task: task_fingerprint(cfg, paths, method, task) for task, _ in _tasks(cfg)}
     records = {task: _finished_task(paths, method, task, fingerprints[task]) for task, _ in _tasks(cfg)}
@@ -682,22 +745,13 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
         beat(f"evaluating {method}: building {task}", kind="evaluate", loading=True)
         lm.batch_size_per_gpu = _batch_size(cfg, task)
         before = dict(getattr(lm, "endings", {}))
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[task],
-            num_fewshot=fewshot,
-            limit=e.limit,
-            bootstrap_iters=e.bootstrap_iters,
-            log_samples=True,
-            gen_kwargs=_gen_kwargs(cfg, task),
-            apply_chat_template=True,  # the same prompt format for every method, base included
-            fewshot_as_multiturn=bool(fewshot),
-            task_manager=manager,
-            random_seed=cfg.seed,
-            numpy_random_seed=cfg.seed,
-            torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed,
-        )
+        cache = answer_cache(paths, method, task, fingerprints[task])
+        if cache is not None and (kept := _cached_answers(cache)):
+            print(f"evaluating {method}: {task} resumes with {kept:,} answers scored before", flush=True)
+        try:
+            out = _simple_evaluate(cfg, lm, task, fewshot, manager, cache)
+        finally:
+            _detach_cache(lm)
         if out is None:  # another process of a launched step: the first gathers and writes
             continue
         samples = pooled_samples(task, out.pop("samples", {}))
@@ -715,6 +769,9 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
             "lm_eval_model": lm_eval_model_type(cfg, method),
         }
         write_json(task_result_path(paths, method, task), records[task])  # last: the task is done
+        if cache is not None:
+            for db in cache.parent.glob(f"{cache.name}_rank*.db"):
+                db.unlink()
     if todo and lm_eval_model_type(cfg, method) == "vllm":
         from .vllm_eval import release
 
