@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -91,17 +92,25 @@ def smoke_run(tmp_path_factory):
     return run, reports
 
 
-def kill_when(args: list[str], path: Path, min_lines: int = 0, timeout: float = 300) -> None:
+def kill_when(
+    args: list[str],
+    path: Path,
+    min_lines: int = 0,
+    timeout: float = 300,
+    ready: Callable[[], bool] | None = None,
+) -> None:
     """Start run_all.py and SIGKILL its whole process group (orchestrator and kernel) once `path` has
-    `min_lines` lines, or, for a directory, once it exists."""
+    `min_lines` lines, or, for a directory, once it exists; or once `ready()` holds, where given."""
     import signal
     import subprocess
     import time
 
-    def ready() -> bool:
+    def lines_or_dir() -> bool:
         if path.is_dir():
             return True
         return path.is_file() and min_lines > 0 and path.read_text().count("\n") >= min_lines
+
+    ready = ready or lines_or_dir
 
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "run_all.py"), *args],

@@ -1,10 +1,13 @@
 """Step 07 and the reports, on the smoke profile, with no network."""
 
+import contextlib
 import json
 import re
+import shutil
 
 import pytest
 import torch
+from conftest import kill_when, run_cli
 
 from synthetic_instruction_tuner.evaluation import METHODS, count_endings, ifbench_data
 from synthetic_instruction_tuner.metrics import aggregate, bootstrap_ci
@@ -538,3 +541,38 @@ def test_resizing_one_task_keeps_the_others_results(tmp_path):
     assert kept(["evaluation.local_tasks=[hellaswag]"]) == ["ifeval", "hellaswag", "sit_ifbench"]
     assert kept(["evaluation.ifeval_docs=7"]) == ["hellaswag", "sit_ifbench"]
     assert kept(["evaluation.bootstrap_iters=10"]) == [], "a setting every task reads still counts"
+
+
+def _cached_answers(run) -> int:
+    import sqlite3
+
+    total = 0
+    for db in (run / "eval" / "cache").glob("*/*.db"):
+        with contextlib.suppress(sqlite3.OperationalError):  # not yet created, or being written
+            total += sqlite3.connect(db).execute("SELECT COUNT(*) FROM unnamed").fetchone()[0]
+    return total
+
+
+def test_a_benchmark_killed_midway_resumes_from_the_answers_it_had_scored(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run)
+    reference = read_jsonl(run / "eval/samples/base/mmlu.jsonl")
+    (run / "eval/results/base/mmlu.json").unlink()  # the base model's MMLU is to be done again
+    args = ["--profile", "smoke", "--run-dir", str(run), "--steps", "07", "--no-reports"]
+    args += ["--set", "evaluation.local_tasks=[mmlu]"]  # the other tasks' results stay as they are
+    kill_when(args, run, ready=lambda: _cached_answers(run) >= 100)
+    kept = _cached_answers(run)
+    assert 100 <= kept < 4 * MMLU_DOCS, "killed midway through the 456 answers"
+
+    result = run_cli(args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (run / "logs" / "07_evaluate.log").read_text().split("=== ")[-1]  # the rerun's attempt
+    (resumed,) = re.findall(r"evaluating base: mmlu resumes with (\d+) answers scored before", log)
+    assert int(resumed) >= kept
+    assert "evaluating sft_lora" not in log, "only the killed task was redone"
+    assert (run / "eval/results/sft_lora/ifeval.json").exists(), "the other tasks' results were kept"
+    after = read_jsonl(run / "eval/samples/base/mmlu.jsonl")
+    assert [(r["doc_id"], r["acc"]) for r in after] == [(r["doc_id"], r["acc"]) for r in reference]
+    scores = [float(resp[0][0]) for r in after for resp in r["resps"]]
+    assert scores == pytest.approx([float(resp[0][0]) for r in reference for resp in r["resps"]], abs=1e-4)
+    assert not list((run / "eval" / "cache").rglob("*.db")), "a finished task leaves no cache behind"

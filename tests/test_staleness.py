@@ -262,6 +262,14 @@ def test_a_training_key_changed_after_a_complete_run_reruns_exactly_05_06_and_07
     assert _listing(run)["05_sft_lora"] == "pending settings changed: sft.learning_rate 0.0001 → 0.0002"
 
 
+def test_a_new_evaluation_setting_leaves_step_07s_results_for_it_to_judge(tmp_path):
+    _complete_run(tmp_path)
+    complete, reason, restart = _statuses(tmp_path, ("evaluation.hellaswag_docs=7",))["07_evaluate"]
+    assert not complete and reason.startswith("settings changed: evaluation.hellaswag_docs")
+    assert not restart, "each task's result carries its fingerprint: nothing is cleared"
+    assert _statuses(tmp_path, ("sft.learning_rate=1e-4",))["05_sft_lora"][2], "05 still starts over"
+
+
 def test_an_sft_data_key_rebuilds_the_sft_set_from_the_sweep_on_disk(smoke_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smoke_run[0], run)

@@ -230,7 +230,8 @@ def step_status(step: Step, cfg: Config, paths: RunPaths) -> StepStatus:
         keys = fps.changed_keys(state["settings"], fp["settings"])
         if all(fps.under(key, step.selection_settings) for key in keys):
             return StepStatus(False, f"{reason}; keeps its appended records", False, fp)
-        return StepStatus(False, reason, True, fp)
+        # partial results that carry their own fingerprints are each kept or redone by the step
+        return StepStatus(False, reason, not step.fingerprints_partials, fp)
     inputs = fps.changed_inputs(state["inputs"], fp["inputs"])
     if inputs:
         appended = all(fps.only_appended(paths.root, n, state["inputs"].get(n)) for n in inputs)
