@@ -4,6 +4,7 @@ import contextlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -551,6 +552,21 @@ def _cached_answers(run) -> int:
         with contextlib.suppress(sqlite3.OperationalError):  # not yet created, or being written
             total += sqlite3.connect(db).execute("SELECT COUNT(*) FROM unnamed").fetchone()[0]
     return total
+
+
+def test_answers_left_by_a_kill_are_counted_and_an_empty_cache_file_is_dropped(tmp_path, capsys):
+    from sqlitedict import SqliteDict
+
+    from synthetic_instruction_tuner.evaluation import _cached_answers
+
+    cache = tmp_path / "cache" / "base" / "mmlu-0123456789abcdef"
+    cache.parent.mkdir(parents=True)
+    with SqliteDict(f"{cache}_rank0.db", autocommit=True) as answers:
+        answers.update({"a": (-1.0, True), "b": (-2.0, False), "c": (-3.0, False)})
+    Path(f"{cache}_rank1.db").touch()  # killed between creating the file and its table
+    assert _cached_answers(cache) == 3
+    assert not Path(f"{cache}_rank1.db").exists()
+    assert "mmlu-0123456789abcdef_rank1.db: unreadable answer cache, removed" in capsys.readouterr().out
 
 
 def test_a_benchmark_killed_midway_resumes_from_the_answers_it_had_scored(smoke_run, tmp_path):

@@ -657,13 +657,20 @@ def answer_cache(paths: RunPaths, method: str, task: str, fingerprint: dict[str,
 
 
 def _cached_answers(cache: Path) -> int:
-    """How many answers earlier, killed attempts at a task left in its cache files."""
+    """How many answers earlier, killed attempts at a task left in its cache files. A file that a
+    kill left unreadable (created, no table yet) is removed: the task starts that part afresh."""
+    import sqlite3
+
     from sqlitedict import SqliteDict
 
     total = 0
     for db in cache.parent.glob(f"{cache.name}_rank*.db"):
-        with SqliteDict(str(db), flag="r") as answers:
-            total += len(answers)
+        try:
+            with SqliteDict(str(db), flag="r") as answers:
+                total += len(answers)
+        except (RuntimeError, sqlite3.DatabaseError):
+            print(f"{db}: unreadable answer cache, removed; its answers are scored again", flush=True)
+            db.unlink()
     return total
 
 
