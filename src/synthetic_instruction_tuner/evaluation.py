@@ -722,69 +722,69 @@ def _simple_evaluate(
     )
 
 
-def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> dict[str, Any]:
-    """Run every task for one method; write eval/<method>.json and its sample logs.
+def _open_lm(cfg: Config, paths: RunPaths, method: str, device: str) -> tuple[Any, Any]:
+    """lm-eval's task index (the run's rendered offline tasks in local mode) and the method's model."""
+    # lm-eval's task index (thousands of YAML files) and the model load take a while
+    beat(f"evaluating {method}: indexing tasks, loading the model", kind="evaluate", loading=True)
+    if cfg.evaluation.mode == "local":
+        import synthetic_instruction_tuner.eval_tasks  # noqa: F401 - punkt_tab before lm-eval's IFEval import
 
-    Each task's results go to eval/results/<method>/<task>.json (atomically, with the fingerprint
-    they were produced under) as soon as the task finishes, so a run killed in the middle of a task
-    redoes only that task, and a log-likelihood benchmark only its answers not yet scored
-    (`answer_cache`). Tasks already recorded under the current fingerprint are not rerun.
-    """
-    e = cfg.evaluation
-    fingerprints = {task: task_fingerprint(cfg, paths, method, task) for task, _ in _tasks(cfg)}
-    records = {task: _finished_task(paths, method, task, fingerprints[task]) for task, _ in _tasks(cfg)}
-    todo = [(task, fewshot) for task, fewshot in _tasks(cfg) if records[task] is None]
-    if todo:
-        print(f"evaluating {method}: {', '.join(t for t, _ in todo)} ...", flush=True)
-        # lm-eval's task index (thousands of YAML files) and the model load take a while
-        beat(f"evaluating {method}: indexing tasks, loading the model", kind="evaluate", loading=True)
-        if e.mode == "local":
-            import synthetic_instruction_tuner.eval_tasks  # noqa: F401 - punkt_tab before lm-eval's IFEval import
+        task_dir = prepare_local_tasks(cfg, paths)
+        # keyed on the task files' text too: another run's settings get their own index
+        texts = "".join(p.read_text() for p in sorted(task_dir.rglob("*.yaml")))
+        manager = _task_manager(str(task_dir), texts)
+    else:
+        manager = _task_manager(None, "")
+    return manager, make_lm(cfg, paths, method, device)
 
-            task_dir = prepare_local_tasks(cfg, paths)
-            # keyed on the task files' text too: another run's settings get their own index
-            texts = "".join(p.read_text() for p in sorted(task_dir.rglob("*.yaml")))
-            manager = _task_manager(str(task_dir), texts)
-        else:
-            manager = _task_manager(None, "")
-        lm = make_lm(cfg, paths, method, device)
-    for task, fewshot in todo:
-        beat(f"evaluating {method}: building {task}", kind="evaluate", loading=True)
-        lm.batch_size_per_gpu = _batch_size(cfg, task)
-        before = dict(getattr(lm, "endings", {}))
-        cache = answer_cache(paths, method, task, fingerprints[task])
-        if cache is not None and (kept := _cached_answers(cache)):
-            print(f"evaluating {method}: {task} resumes with {kept:,} answers scored before", flush=True)
-        try:
-            out = _simple_evaluate(cfg, lm, task, fewshot, manager, cache)
-        finally:
-            _detach_cache(lm)
-        if out is None:  # another process of a launched step: the first gathers and writes
-            continue
-        samples = pooled_samples(task, out.pop("samples", {}))
-        for name, rows in samples.items():
-            # in document order: processes of a launched step gather theirs interleaved
-            rows = sorted(rows, key=lambda row: row.get("doc_id", 0))
-            write_jsonl(paths.eval / "samples" / method / f"{name}.jsonl", _jsonable(rows))
-        endings = {k: v - before.get(k, 0) for k, v in getattr(lm, "endings", {}).items()}
-        records[task] = {
-            "fingerprint": fingerprints[task],
-            "task": task,
-            "sample_logs": sorted(samples),
-            "results": _jsonable({key: out[key] for key in RESULT_KEYS if key in out}),
-            "generation_endings": endings if endings.get("generations") else None,
-            "lm_eval_model": lm_eval_model_type(cfg, method),
-        }
-        write_json(task_result_path(paths, method, task), records[task])  # last: the task is done
-        if cache is not None:
-            for db in cache.parent.glob(f"{cache.name}_rank*.db"):
-                db.unlink()
-    if todo and lm_eval_model_type(cfg, method) == "vllm":
-        from .vllm_eval import release
 
-        release(lm)  # the next method's engine needs the GPU memory
-    if not is_main_process():
-        return {}
+def _run_task(
+    cfg: Config,
+    paths: RunPaths,
+    method: str,
+    lm: Any,
+    manager: Any,
+    task: str,
+    fewshot: int | None,
+    fingerprint: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Evaluate one task and write its sample logs and result record (None: another process of a
+    launched step, whose results the first gathers)."""
+    beat(f"evaluating {method}: building {task}", kind="evaluate", loading=True)
+    lm.batch_size_per_gpu = _batch_size(cfg, task)
+    before = dict(getattr(lm, "endings", {}))
+    cache = answer_cache(paths, method, task, fingerprint)
+    if cache is not None and (kept := _cached_answers(cache)):
+        print(f"evaluating {method}: {task} resumes with {kept:,} answers scored before", flush=True)
+    try:
+        out = _simple_evaluate(cfg, lm, task, fewshot, manager, cache)
+    finally:
+        _detach_cache(lm)
+    if out is None:
+        return None
+    samples = pooled_samples(task, out.pop("samples", {}))
+    for name, rows in samples.items():
+        # in document order: processes of a launched step gather theirs interleaved
+        rows = sorted(rows, key=lambda row: row.get("doc_id", 0))
+        write_jsonl(paths.eval / "samples" / method / f"{name}.jsonl", _jsonable(rows))
+    endings = {k: v - before.get(k, 0) for k, v in getattr(lm, "endings", {}).items()}
+    record = {
+        "fingerprint": fingerprint,
+        "task": task,
+        "sample_logs": sorted(samples),
+        "results": _jsonable({key: out[key] for key in RESULT_KEYS if key in out}),
+        "generation_endings": endings if endings.get("generations") else None,
+        "lm_eval_model": lm_eval_model_type(cfg, method),
+    }
+    write_json(task_result_path(paths, method, task), record)  # last: the task is done
+    if cache is not None:
+        for db in cache.parent.glob(f"{cache.name}_rank*.db"):
+            db.unlink()
+    return record
+
+
+def _merged(cfg: Config, method: str, records: dict[str, dict]) -> dict[str, Any]:
+    """eval/<method>.json: every task's results in one lm-eval results file."""
     merged: dict[str, Any] = {}
     endings: dict[str, int] = {}
     for task, _ in _tasks(cfg):
@@ -799,7 +799,33 @@ def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> d
     merged["lm_eval_model"] = lm_eval_model_type(cfg, method)
     merged["chat_template_applied"] = True
     if endings:
-        merged["generation_endings"] = {**endings, "max_gen_toks": e.max_gen_toks}
+        merged["generation_endings"] = {**endings, "max_gen_toks": cfg.evaluation.max_gen_toks}
+    return merged
+
+
+def evaluate_method(cfg: Config, paths: RunPaths, method: str, device: str) -> dict[str, Any]:
+    """Run every task for one method; write eval/<method>.json and its sample logs.
+
+    Each task's results go to eval/results/<method>/<task>.json (atomically, with the fingerprint
+    they were produced under) as soon as the task finishes, so a run killed in the middle of a task
+    redoes only that task, and a log-likelihood benchmark only its answers not yet scored
+    (`answer_cache`). Tasks already recorded under the current fingerprint are not rerun.
+    """
+    fingerprints = {task: task_fingerprint(cfg, paths, method, task) for task, _ in _tasks(cfg)}
+    records = {task: _finished_task(paths, method, task, fingerprints[task]) for task, _ in _tasks(cfg)}
+    todo = [(task, fewshot) for task, fewshot in _tasks(cfg) if records[task] is None]
+    if todo:
+        print(f"evaluating {method}: {', '.join(t for t, _ in todo)} ...", flush=True)
+        manager, lm = _open_lm(cfg, paths, method, device)
+    for task, fewshot in todo:
+        records[task] = _run_task(cfg, paths, method, lm, manager, task, fewshot, fingerprints[task])
+    if todo and lm_eval_model_type(cfg, method) == "vllm":
+        from .vllm_eval import release
+
+        release(lm)  # the next method's engine needs the GPU memory
+    if not is_main_process():
+        return {}
+    merged = _merged(cfg, method, records)
     write_json(paths.eval / f"{method}.json", merged)
     return merged
 
