@@ -544,7 +544,7 @@ def test_resizing_one_task_keeps_the_others_results(tmp_path):
     assert kept(["evaluation.bootstrap_iters=10"]) == [], "a setting every task reads still counts"
 
 
-def _cached_answers(run) -> int:
+def _answers_in_cache(run) -> int:
     import sqlite3
 
     total = 0
@@ -576,8 +576,8 @@ def test_a_benchmark_killed_midway_resumes_from_the_answers_it_had_scored(smoke_
     (run / "eval/results/base/mmlu.json").unlink()  # the base model's MMLU is to be done again
     args = ["--profile", "smoke", "--run-dir", str(run), "--steps", "07", "--no-reports"]
     args += ["--set", "evaluation.local_tasks=[mmlu]"]  # the other tasks' results stay as they are
-    kill_when(args, run, ready=lambda: _cached_answers(run) >= 100)
-    kept = _cached_answers(run)
+    kill_when(args, run, ready=lambda: _answers_in_cache(run) >= 100)
+    kept = _answers_in_cache(run)
     assert 100 <= kept < 4 * MMLU_DOCS, "killed midway through the 456 answers"
 
     result = run_cli(args)

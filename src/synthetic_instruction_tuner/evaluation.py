@@ -26,7 +26,8 @@ Per method and task: ``eval/results/<method>/<task>.json`` (lm-eval's results fo
 generations ended, and the fingerprint they were produced under: a rerun redoes only tasks without
 results under the current settings and adapter) and ``eval/samples/<method>/<task>.jsonl``
 (lm-eval's per-sample logs). While a log-likelihood benchmark runs, its scored answers accumulate
-in ``eval/cache/<method>/`` (lm-eval's own request cache), so a kill midway loses none of them. Per method: ``eval/<method>.json``, the tasks' results merged.
+in ``eval/cache/<method>/`` (lm-eval's own request cache), so a kill midway loses none of them.
+Per method: ``eval/<method>.json``, the tasks' results merged.
 ``eval/summary.json`` holds every metric with a percentile-bootstrap confidence interval over prompts,
 paired differences between methods on the same prompts, accuracy per constraint family and how
 often an answer opens by repeating its prompt (`comparison`). A group's subtasks (MMLU's 57 subjects)
