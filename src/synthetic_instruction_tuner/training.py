@@ -495,6 +495,16 @@ def _metrics(
     }
 
 
+def _equip(trainer: Any, cfg: Config, device: str) -> None:
+    """Fit an SFT or DPO trainer to this run: precision fixes, LM head, heartbeat, progress lines."""
+    keep_trainable_fp32_under_fp16(trainer)
+    skip_adapter_input_casts(trainer, cfg, device)
+    if cfg.hardware.dense_lm_head:
+        use_dense_lm_head(trainer)
+    trainer.add_callback(trainer_callback())  # the watchdog's heartbeat
+    text_progress(trainer)
+
+
 def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
     from trl import SFTTrainer
 
@@ -513,12 +523,7 @@ def _train_sft_like(method: str, cfg: Config, paths: RunPaths, device: str) -> d
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    keep_trainable_fp32_under_fp16(trainer)
-    skip_adapter_input_casts(trainer, cfg, device)
-    if cfg.hardware.dense_lm_head:
-        use_dense_lm_head(trainer)
-    trainer.add_callback(trainer_callback())  # the watchdog's heartbeat
-    text_progress(trainer)
+    _equip(trainer, cfg, device)
     resume = last_checkpoint(output_dir)
     base_file = output_dir / "base_eval.json"
     # every process decides before the first evaluation's collective, so none skips it
@@ -599,12 +604,7 @@ def train_dpo(cfg: Config, paths: RunPaths, device: str) -> dict[str, Any]:
         eval_dataset=evaluation.remove_columns("id"),
         processing_class=tokenizer,
     )
-    keep_trainable_fp32_under_fp16(trainer)
-    skip_adapter_input_casts(trainer, cfg, device)
-    if cfg.hardware.dense_lm_head:
-        use_dense_lm_head(trainer)
-    trainer.add_callback(trainer_callback())  # the watchdog's heartbeat
-    text_progress(trainer)
+    _equip(trainer, cfg, device)
     resume = last_checkpoint(output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate()
