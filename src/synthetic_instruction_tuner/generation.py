@@ -154,7 +154,29 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-class GenerationEngine:
+class StreamingEngine:
+    """What the pipeline steps call on any generator: `stream` batches, and `run` over them."""
+
+    stats: EngineStats
+
+    def stream(
+        self, requests: Sequence[Request], desc: str = "generating", shard: tuple[int, int] = (0, 1)
+    ) -> Iterator[list[tuple[Request, Completion]]]:
+        raise NotImplementedError
+
+    def run(
+        self,
+        requests: Sequence[Request],
+        on_batch: Callable[[list[tuple[Request, Completion]]], None],
+        desc: str = "generating",
+    ) -> EngineStats:
+        """Generate every request, calling `on_batch` (e.g. a durable append) after each batch."""
+        for finished in self.stream(requests, desc=desc):
+            on_batch(finished)
+        return self.stats
+
+
+class GenerationEngine(StreamingEngine):
     """Batched, watchdog-guarded sampling for one model and tokenizer."""
 
     def __init__(
@@ -310,17 +332,6 @@ class GenerationEngine:
                 yield list(zip(batch, completions, strict=True))
         finally:
             bar.close()
-
-    def run(
-        self,
-        requests: Sequence[Request],
-        on_batch: Callable[[list[tuple[Request, Completion]]], None],
-        desc: str = "generating",
-    ) -> EngineStats:
-        """Generate every request, calling `on_batch` (e.g. a durable append) after each batch."""
-        for finished in self.stream(requests, desc=desc):
-            on_batch(finished)
-        return self.stats
 
     @staticmethod
     def _empty_cache() -> None:

@@ -16,12 +16,20 @@ steps on vLLM still run in one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .config import Config, SamplingConfig
 from .distributed import check_vllm
-from .generation import Completion, EngineStats, Request, batch_seed, plan_batches, stop_token_ids
+from .generation import (
+    Completion,
+    EngineStats,
+    Request,
+    StreamingEngine,
+    batch_seed,
+    plan_batches,
+    stop_token_ids,
+)
 from .watchdog import beat
 
 
@@ -52,7 +60,7 @@ def to_completion(output: Any, stop_ids: Sequence[int], seed: int) -> Completion
     )
 
 
-class VllmEngine:
+class VllmEngine(StreamingEngine):
     """The `GenerationEngine` interface (stream, run, tokenizer, batch sizes, stats) on a vLLM `LLM`."""
 
     def __init__(
@@ -93,16 +101,6 @@ class VllmEngine:
             self.stats.seconds = time.monotonic() - started
             beat(f"{desc}: {done} of {total} done", kind="generate", force=True)
             yield list(zip(batch, completions, strict=True))
-
-    def run(
-        self,
-        requests: Sequence[Request],
-        on_batch: Callable[[list[tuple[Request, Completion]]], None],
-        desc: str = "generating",
-    ) -> EngineStats:
-        for finished in self.stream(requests, desc=desc):
-            on_batch(finished)
-        return self.stats
 
 
 def load_vllm_engine(cfg: Config, device: str) -> VllmEngine:
