@@ -78,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
         help="check on any machine, without downloads, that the profile's run will fit and work; then exit",
     )
     p.add_argument(
-        "--force", action="store_true", help="rerun the selected steps even if their outputs are complete"
+        "--force",
+        action="store_true",
+        help="delete the selected steps' outputs and what a resume would reuse (for 07: every method's "
+        "results, samples and scored answers), then rerun them from scratch",
     )
     p.add_argument(
         "--set",
@@ -402,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             why = "--force" if args.force else status.reason
             if args.force or status.restart:  # from scratch: outputs and what a rerun would resume from
                 clear_step(step, paths)
-                why += ", cleared its outputs" if not args.force else ""
+                why += ", cleared its outputs"
             # recorded before the step starts, so a killed step resumes only under the same fingerprint
             write_state(paths.root, step.name, status.fingerprint, "running")
             console.line(
