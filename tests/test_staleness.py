@@ -270,6 +270,21 @@ def test_a_new_evaluation_setting_leaves_step_07s_results_for_it_to_judge(tmp_pa
     assert _statuses(tmp_path, ("sft.learning_rate=1e-4",))["05_sft_lora"][2], "05 still starts over"
 
 
+def test_force_says_it_deletes_and_the_step_rebuilds_the_same_rows(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run)
+    rows = read_jsonl(run / "data/sft.jsonl")
+    (run / "data/funnel.json").unlink()  # an output the step must write again, not find
+    result = run_cli(
+        ["--profile", "smoke", "--run-dir", str(run), "--steps", "03", "--force", "--no-reports"]
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "03_filter: running (pipeline/03_filter.py; --force, cleared its outputs)" in result.stdout
+    assert (run / "data/funnel.json").exists()
+    assert read_jsonl(run / "data/sft.jsonl") == rows
+    assert "delete the selected steps' outputs" in " ".join(run_cli(["--help"]).stdout.split())
+
+
 def test_an_sft_data_key_rebuilds_the_sft_set_from_the_sweep_on_disk(smoke_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smoke_run[0], run)
